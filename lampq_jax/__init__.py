@@ -1,0 +1,5 @@
+"""lampq_jax: LampQ layer-wise mixed-precision quantization of Vision Transformers in JAX."""
+
+__version__ = "0.1.0"
+
+from lampq_jax.models import create_vit
