@@ -2,4 +2,5 @@
 
 __version__ = "0.1.0"
 
+from lampq_jax.layers import Layer, find_layers
 from lampq_jax.models import create_vit

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Sets up .venv (with the reference frameworks the converter tests compare against) and runs the tests.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ -x .venv/bin/python ] || python3 -m venv .venv
+.venv/bin/python -m pip install -q --upgrade pip
+# torch/torchvision pinned to the CPU-usable pair the converter tests were checked with.
+.venv/bin/python -m pip install -q -e '.[test,convert,bench,plot]' 'torch==2.14.1' 'torchvision==0.29.1'
+set +e
+.venv/bin/python -m pytest -q "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
+exit "$rc"
