@@ -1,0 +1,183 @@
+"""Fake quantization of an unchanged flax.linen model through `nn.intercept_methods`.
+
+`QuantSpec` (static, hashable) says what is quantized at how many bits:
+
+    layers:    (path, weight bits, activation bits) per layer; weights per output channel with a
+               clipping search, the layer's input per tensor with calibrated ranges
+    attention: (path, bits) per nn.MultiHeadDotProductAttention; q, k, v uniform per tensor,
+               the softmax output log√2 on [0, 1]
+
+Weights are fake-quantized once (`fake_quantize_params`) and the interceptor quantizes only
+activations. For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
+forward with straight-through gradients, so `jax.grad` reaches the float weights.
+
+Example:
+    >>> spec = QuantSpec.build(layers, bits={l.path: (4, 4) for l in layers}, attention_bits={...})
+    >>> qvars = fake_quantize_params(variables, layers, spec)
+    >>> with nn.intercept_methods(activation_interceptor(spec, act_params)):
+    ...     logits = model.apply(qvars, images, train=False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lampq_jax.apply.calibration import ActivationParams
+from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.layers.discovery import Layer
+from lampq_jax.quant import (
+    UniformParams,
+    check_bits,
+    fake_quant,
+    fake_quant_log_sqrt2,
+    fake_quant_log_sqrt2_ste,
+    fake_quant_ste,
+    search_clipping_params,
+    weight_reduce_axes,
+)
+
+LayerBits = tuple[str, int, int]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantSpec:
+    """What to quantize, at how many bits. Hashable: a static argument under `jax.jit`.
+
+    Attributes:
+      layers: (path, weight bits, activation bits) per quantized layer, sorted by path.
+      attention: (path, bits) per quantized attention, sorted by path.
+      weight_grid: shrink ratios of the weights' clipping search (1.0 only: min-max).
+    """
+
+    layers: tuple[LayerBits, ...]
+    attention: tuple[tuple[str, int], ...] = ()
+    weight_grid: Optional[tuple[float, ...]] = None
+
+    def __post_init__(self):
+        for path, wb, ab in self.layers:
+            check_bits(wb), check_bits(ab)
+        for path, b in self.attention:
+            check_bits(b)
+
+    @classmethod
+    def build(
+        cls,
+        layers: Sequence[Layer],
+        bits: Mapping[str, tuple[int, int]],
+        *,
+        attention_bits: Optional[Mapping[str, int]] = None,
+        weight_grid: Optional[Sequence[float]] = None,
+    ) -> "QuantSpec":
+        """Checks `bits` {path: (weight bits, act bits)} against the model's `layers` and builds a spec.
+
+        Raises:
+          ValueError: a path that is not a layer of the model, or bits outside [2, 8], named.
+        """
+        known = {l.path for l in layers}
+        unknown = sorted(set(bits) - known)
+        if unknown:
+            raise ValueError(f"unknown layer path(s) {unknown[:5]}; the model's layers are e.g. {sorted(known)[:5]}")
+        entries = []
+        for path in sorted(bits):
+            pair = bits[path]
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+                raise ValueError(f"bits of {path!r} must be (weight bits, activation bits), got {pair!r}")
+            for b in pair:
+                if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
+                    raise ValueError(f"bits of {path!r} must be integers in [2, 8], got {pair!r}")
+            entries.append((path, int(pair[0]), int(pair[1])))
+        attention = tuple(sorted((p, int(b)) for p, b in (attention_bits or {}).items()))
+        return cls(layers=tuple(entries), attention=attention,
+                   weight_grid=tuple(weight_grid) if weight_grid is not None else None)
+
+    @property
+    def bits(self) -> dict[str, tuple[int, int]]:
+        """{path: (weight bits, activation bits)}."""
+        return {p: (wb, ab) for p, wb, ab in self.layers}
+
+    def site_bits(self) -> dict[str, int]:
+        """Bits of every activation site: layer inputs and attention q / k / v."""
+        sites = {p: ab for p, _, ab in self.layers}
+        for path, b in self.attention:
+            sites.update({f"{path}/q": b, f"{path}/k": b, f"{path}/v": b})
+        return sites
+
+
+@functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid", "ste"))
+def quantize_kernel(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], *, grid=None, ste: bool = False) -> jax.Array:
+    """Fake-quantizes a kernel per output channel (`out_axes`), clipping from a ‖Q(W) − W‖² search.
+
+    Jitted with the bits static: kernels of one shape (every block of a ViT) share one compilation.
+    """
+    axes = weight_reduce_axes(kernel.ndim, out_axes)
+    kwargs = {} if grid is None else {"grid": grid}
+    params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
+    return (fake_quant_ste if ste else fake_quant)(kernel, params, bits)
+
+
+def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpec, *, ste: bool = False) -> Any:
+    """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged)."""
+    out_axes = {l.path: l.out_axes for l in layers}
+    flat = flatten_dict(dict(variables)["params"], sep="/")
+    for path, wb, _ in spec.layers:
+        key = f"{path}/kernel"
+        if key not in flat:
+            raise ValueError(f"layer {path!r} has no kernel in the variables (looked for 'params/{key}')")
+        flat[key] = quantize_kernel(flat[key], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste)
+    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
+
+
+def _params_at(table: jax.Array, bits: int) -> UniformParams:
+    return UniformParams(scale=table[bits, 0], zero_point=table[bits, 1])
+
+
+def activation_interceptor(spec: QuantSpec, act_params: ActivationParams, *, ste: bool = False):
+    """Interceptor that fake-quantizes the input of each layer of `spec` and its attentions' q, k, v, softmax."""
+    site_bits = spec.site_bits()
+    missing = sorted(s for s in site_bits if s not in act_params)
+    if missing:
+        raise ValueError(f"no calibrated activation range for site(s) {missing[:5]}; calibrate them first")
+    uniform = fake_quant_ste if ste else fake_quant
+    log_sqrt2 = fake_quant_log_sqrt2_ste if ste else fake_quant_log_sqrt2
+    attention_bits = dict(spec.attention)
+
+    def on_site(site: str, x: jax.Array) -> jax.Array:
+        bits = site_bits.get(site)
+        if bits is None:
+            return x
+        return uniform(x, _params_at(jnp.asarray(act_params[site]), bits), bits)
+
+    def on_softmax(path: str, weights: jax.Array) -> jax.Array:
+        return log_sqrt2(weights, attention_bits[path])
+
+    return site_interceptor(
+        on_site,
+        layer_paths=frozenset(p for p, _, _ in spec.layers),
+        attention_paths=frozenset(attention_bits),
+        on_softmax=on_softmax,
+    )
+
+
+def quantized_apply(
+    model: nn.Module, layers: Sequence[Layer], spec: QuantSpec, act_params: ActivationParams, *, ste: bool = True
+) -> Callable[..., Any]:
+    """`fn(variables, *args, **kwargs)`: the model with weights and activations fake-quantized inside.
+
+    Differentiable with straight-through gradients when `ste` (for training code); works under
+    `jax.jit`, `jax.vmap` and `jax.grad`. Weights are quantized on every call; for inference use
+    `fake_quantize_params` once and `activation_interceptor`.
+    """
+
+    def fn(variables, *args, **kwargs):
+        qvars = fake_quantize_params(variables, layers, spec, ste=ste)
+        with nn.intercept_methods(activation_interceptor(spec, act_params, ste=ste)):
+            return model.apply(qvars, *args, **kwargs)
+
+    return fn

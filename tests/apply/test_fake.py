@@ -1,0 +1,114 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lampq_jax
+from lampq_jax import find_layers
+from lampq_jax.apply import (
+    QuantSpec,
+    activation_interceptor,
+    calibrate_activations,
+    fake_quantize_params,
+    find_attention_paths,
+    quantized_apply,
+)
+
+
+def rel_err(a, b):
+    return float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tiny_setup):
+    model, variables, images = tiny_setup
+    layers = find_layers(model, variables, images[:1])
+    attention = find_attention_paths(model, variables, images[:1])
+    act_params = calibrate_activations(model, variables, images)
+    return layers, attention, act_params
+
+
+def test_sites_cover_layers_and_attention(tiny_setup, calibrated):
+    layers, attention, act_params = calibrated
+    assert attention == [f"Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0" for i in range(2)]
+    expected = {l.path for l in layers} | {f"{a}/{s}" for a in attention for s in "qkv"}
+    assert set(act_params) == expected
+    for table in act_params.values():
+        assert table.shape == (9, 2) and np.all(table[2:, 0] > 0) and np.isnan(table[:2]).all()
+
+
+def test_error_falls_with_bits(tiny_setup):
+    model, variables, images = tiny_setup
+    fp = model.apply(variables, images)
+    errors = [rel_err(lampq_jax.quantize_uniform(model, variables, images, b).apply(images), fp) for b in range(2, 9)]
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors
+
+
+def test_weights_are_quantized_once_and_per_channel(tiny_setup, calibrated):
+    model, variables, images = tiny_setup
+    layers, _, _ = calibrated
+    spec = QuantSpec.build(layers, {l.path: (2, 8) for l in layers})
+    qvars = fake_quantize_params(variables, layers, spec)
+    kernel = qvars["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    # per output channel: at most 2^2 distinct values in each column
+    assert max(len(np.unique(np.asarray(kernel[:, j]))) for j in range(kernel.shape[1])) <= 4
+    assert len(np.unique(np.asarray(kernel))) > 4
+
+
+def test_unknown_path_and_bad_bits_are_errors(calibrated):
+    layers, _, _ = calibrated
+    with pytest.raises(ValueError, match="no/such/layer"):
+        QuantSpec.build(layers, {"no/such/layer": (4, 4)})
+    path = layers[1].path
+    with pytest.raises(ValueError, match=r"\(9, 4\)"):
+        QuantSpec.build(layers, {path: (9, 4)})
+    with pytest.raises(ValueError, match=r"\(4, 1\)"):
+        QuantSpec.build(layers, {path: (4, 1)})
+    with pytest.raises(ValueError, match="bits"):
+        lampq_jax.quantize_uniform(None, None, np.zeros([2, 28, 28, 1]), 12)
+
+
+def test_bad_calibration_images_are_errors(tiny_setup):
+    model, variables, images = tiny_setup
+    bad = np.array(images)
+    bad[3, 1, 2, 0] = np.nan
+    with pytest.raises(ValueError, match=r"NaN/Inf value\(s\), first at index \(3, 1, 2, 0\)"):
+        lampq_jax.quantize_uniform(model, variables, bad, 4)
+    with pytest.raises(ValueError, match="empty"):
+        lampq_jax.quantize_uniform(model, variables, images[:0], 4)
+
+
+def test_jitted_apply_traces_once(tiny_setup):
+    model, variables, images = tiny_setup
+    result = lampq_jax.quantize_uniform(model, variables, images, 4, train=False)
+    outs = [result.apply(images) for _ in range(3)]
+    (compiled,) = result.quantized._compiled.values()
+    assert compiled._cache_size() == 1
+    np.testing.assert_array_equal(outs[0], outs[2])
+    result.apply(images, train=False)  # the same keyword set: same trace
+    assert compiled._cache_size() == 1 and len(result.quantized._compiled) == 1
+
+
+def test_vmap_and_grad_through_quantized_apply(tiny_setup, calibrated):
+    model, variables, images = tiny_setup
+    layers, attention, act_params = calibrated
+    spec = QuantSpec.build(layers, {l.path: (4, 4) for l in layers}, attention_bits={a: 4 for a in attention})
+    fn = quantized_apply(model, layers, spec, act_params, ste=True)
+    batched = jax.jit(fn)(variables, images[:4])
+    per_example = jax.vmap(lambda x: fn(variables, x[None])[0])(images[:4])
+    np.testing.assert_allclose(per_example, batched, atol=1e-5)
+
+    def loss(v):
+        return jnp.mean(jax.nn.log_softmax(fn(v, images))[:, 0])
+
+    grads = jax.grad(loss)(variables)
+    leaves = jax.tree.leaves(grads)
+    assert all(np.isfinite(g).all() for g in leaves)
+    dense0 = grads["params"]["Transformer"]["encoderblock_0"]["MlpBlock_0"]["Dense_0"]["kernel"]
+    assert float(jnp.abs(dense0).sum()) > 0
+    # STE output equals the inference path (weights quantized once + interceptor)
+    qvars = fake_quantize_params(variables, layers, spec)
+    with nn.intercept_methods(activation_interceptor(spec, act_params)):
+        reference = model.apply(qvars, images[:4])
+    np.testing.assert_allclose(batched, reference, atol=1e-5)

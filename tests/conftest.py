@@ -1,0 +1,29 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from lampq_jax import create_vit
+
+
+def tiny_vit(num_layers: int = 2, **overrides):
+    """A 28×28×1 ViT small enough for CPU tests (patch 7 → 16 tokens + cls)."""
+    kwargs = dict(num_layers=num_layers, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7)
+    kwargs.update(overrides)
+    return create_vit("Ti/7", 10, **kwargs)
+
+
+def randomize_head(variables, seed: int = 3, scale: float = 0.3):
+    """Scenic zero-initialises output_projection; give it random weights so logits are informative."""
+    def fill(path, leaf):
+        if "output_projection" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path):
+            return scale * jax.random.normal(jax.random.key(seed), leaf.shape, leaf.dtype)
+        return leaf
+    return jax.tree_util.tree_map_with_path(fill, variables)
+
+
+@pytest.fixture(scope="session")
+def tiny_setup():
+    model = tiny_vit()
+    images = jax.random.normal(jax.random.key(1), (16, 28, 28, 1))
+    variables = randomize_head(model.init(jax.random.key(0), images[:1]))
+    return model, variables, images
