@@ -1,18 +1,88 @@
-"""The method, stage by stage: discovery → calibration → (Fisher → α → ILP → updates) → quantized model."""
+"""The method, stage by stage: discovery → calibration → Fisher → α → ILP → updates → quantized model."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
 
-from lampq_jax.apply import QuantizedModel, QuantSpec, calibrate_activations, check_images, find_attention_paths
-from lampq_jax.layers import find_layers
+from lampq_jax.allocation import AllocationResult, Budget, allocate_bits, bops_budget
+from lampq_jax.apply import (
+    QuantizedModel,
+    QuantSpec,
+    calibrate_activations,
+    check_images,
+    find_attention_paths,
+)
+from lampq_jax.apply.fake import quant_point
+from lampq_jax.apply.calibration import ActivationParams, batches
+from lampq_jax.apply.dynamic import DynamicQuantizer
+from lampq_jax.config import LampQConfig
+from lampq_jax.layers import Layer, find_layers
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
+from lampq_jax.sensitivity import fisher_traces
+from lampq_jax.sensitivity.metric import (
+    activation_errors,
+    alpha_by_type,
+    predicted_increase,
+    probe_indices,
+    spearman,
+    weight_errors,
+)
+from lampq_jax.sensitivity.objective import resolve_objective
 
 FIXED_TYPES_DEFAULT = ("embed", "head")
+SCALE_BYTES_PER_CHANNEL = 8  # float32 scale + float32 zero point
+
+
+class _Timer:
+    """Accumulates seconds per stage: `with timer('fisher'): ...`."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, stage: str):
+        timer = self
+
+        class _Stage:
+            def __enter__(self):
+                self.start = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[stage] = timer.seconds.get(stage, 0.0) + time.perf_counter() - self.start
+
+        return _Stage()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Prepared:
+    """What every method shares: layers, attention paths, calibration, full-precision outputs."""
+
+    images: np.ndarray
+    layers: tuple[Layer, ...]
+    attention: tuple[str, ...]
+    act_params: ActivationParams
+    fp_outputs: jax.Array
+
+
+def _prepare(model, variables, calib_images, *, calibration, batch_size, timer, apply_kwargs) -> _Prepared:
+    images = check_images(calib_images)
+    with timer("discovery"):
+        layers = find_layers(model, variables, images[:1], **apply_kwargs)
+        attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
+    with timer("calibration"):
+        act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
+                                           **apply_kwargs)
+        fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
+        fp_outputs = jnp.concatenate([fp_apply(variables, b) for b in batches(images, 64)])
+    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs)
 
 
 def quantize_uniform(
@@ -41,20 +111,314 @@ def quantize_uniform(
     """
     check_bits(bits), check_bits(fixed_bits)
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
-    images = check_images(calib_images)
-    timings: dict[str, float] = {}
-    start = time.perf_counter()
-    layers = find_layers(model, variables, images[:1], **apply_kwargs)
-    attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
-    timings["discovery"] = time.perf_counter() - start
-    start = time.perf_counter()
-    act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=batch_size,
-                                       **apply_kwargs)
-    timings["calibration"] = time.perf_counter() - start
-    layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in layers}
-    spec = QuantSpec.build(layers, layer_bits, attention_bits={p: attn_bits for p in attention})
-    start = time.perf_counter()
-    quantized = QuantizedModel.create(model, variables, layers, spec, act_params, apply_kwargs)
-    timings["quantize_weights"] = time.perf_counter() - start
-    report = {"method": "uniform", "bits": bits, "attn_bits": attn_bits, "num_layers": len(layers)}
-    return QuantizationResult(quantized=quantized, method="uniform", report=report, timings=timings)
+    timer = _Timer()
+    prep = _prepare(model, variables, calib_images, calibration=calibration, batch_size=batch_size, timer=timer,
+                    apply_kwargs=apply_kwargs)
+    layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
+    return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, "uniform",
+                   {"bits": bits}, timer, apply_kwargs)
+
+
+def _finish(model, variables, prep, layer_bits, attention_bits, method, extra, timer, apply_kwargs):
+    spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
+    with timer("quantize_weights"):
+        quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs)
+    allocated = [l.path for l in prep.layers if l.type not in FIXED_TYPES_DEFAULT] or None
+    report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
+    report["attention_bits"] = dict(attention_bits)
+    return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds))
+
+
+def size_report(layers: Sequence[Layer], bits: Mapping[str, tuple[int, int]], variables: Any,
+                allocated: Optional[Sequence[str]] = None) -> dict[str, float]:
+    """Average weight / activation bits (all quantized layers, and the allocated ones), model bytes, BOPs.
+
+    model bytes = Σ_i (|W_i| b_w / 8 + 8 · out channels) for quantized kernels + 4 bytes per other parameter.
+    BOPs = Σ_i MACs_i · b_w · b_a per example.
+    """
+    by_path = {l.path: l for l in layers}
+    quantized = [by_path[p] for p in bits]
+    total_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(dict(variables)["params"]))
+    kernel_params = sum(l.num_weights for l in quantized)
+    code_bytes = sum(l.num_weights * bits[l.path][0] / 8 for l in quantized)
+    scale_bytes = sum(SCALE_BYTES_PER_CHANNEL * int(np.prod([l.weight_shape[a] for a in l.out_axes])) for l in quantized)
+    model_bytes = code_bytes + scale_bytes + 4 * (total_params - kernel_params)
+
+    def avg(items, index, weight):
+        total = sum(weight(l) for l in items)
+        return float(sum(weight(l) * bits[l.path][index] for l in items) / total) if total else float("nan")
+
+    alloc = [by_path[p] for p in (allocated if allocated is not None else bits)]
+    return {
+        "avg_weight_bits": avg(quantized, 0, lambda l: l.num_weights),
+        "avg_act_bits": avg(quantized, 1, lambda l: l.num_activations),
+        "avg_weight_bits_allocated": avg(alloc, 0, lambda l: l.num_weights),
+        "avg_act_bits_allocated": avg(alloc, 1, lambda l: l.num_activations),
+        "model_bytes": float(model_bytes),
+        "fp32_bytes": float(4 * total_params),
+        "bops": float(sum(l.macs * bits[l.path][0] * bits[l.path][1] for l in quantized)),
+        "fp_bops": float(sum(l.macs * 32 * 32 for l in quantized)),
+    }
+
+
+# ----------------------------------------------------------------------------- LampQ
+
+
+@dataclasses.dataclass(frozen=True)
+class _Items:
+    """The allocation's items (groups of layers sharing bits) and their options."""
+
+    keys: tuple[str, ...]  # item name
+    members: tuple[tuple[int, ...], ...]  # layer indices of each item
+    weight_bits: np.ndarray  # [m] option weight bits
+    act_bits: np.ndarray  # [m] option activation bits
+    w_index: np.ndarray  # [m] index into candidates of the weight bits
+    a_index: np.ndarray  # [m] index into candidates of the activation bits
+
+
+def item_key(layer: Layer, config: LampQConfig) -> str:
+    """The allocation item of a layer: its module (I1 off), itself (split q/k/v), or its group."""
+    if config.granularity == "module" and layer.type in ("qkv", "proj", "fc1", "fc2") and "/" in layer.path:
+        return layer.path.rsplit("/", 1)[0]
+    return layer.path if config.split_qkv else layer.group
+
+
+def _items(layers: Sequence[Layer], allocated: Sequence[int], config: LampQConfig) -> _Items:
+    keys: dict[str, list[int]] = {}
+    for i in allocated:
+        keys.setdefault(item_key(layers[i], config), []).append(i)
+    cands = np.array(config.candidates)
+    m = len(cands)
+    if config.separate_weight_act_bits:
+        w_index, a_index = (g.ravel() for g in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
+    else:
+        w_index = a_index = np.arange(m)
+    return _Items(tuple(keys), tuple(tuple(v) for v in keys.values()), cands[w_index], cands[a_index], w_index, a_index)
+
+
+def _item_cost(items: _Items, layer_cost_w: np.ndarray, layer_cost_a: np.ndarray) -> np.ndarray:
+    """[items, options] Σ_{i∈item} (Ω^W_i(b_w) + Ω^A_i(b_a))."""
+    return np.stack([
+        layer_cost_w[list(mem)][:, items.w_index].sum(0) + layer_cost_a[list(mem)][:, items.a_index].sum(0)
+        for mem in items.members
+    ])
+
+
+def _budget(config: LampQConfig, budget: float, macs: np.ndarray) -> Budget:
+    if config.budget_kind == "avg_bits":
+        return Budget(avg_bits=budget, avg_act_bits=budget if config.separate_weight_act_bits else None)
+    if config.budget_kind == "bops":
+        return Budget(bops=bops_budget(macs, budget))
+    return Budget(model_bytes=budget)
+
+
+def _allowed(items: _Items, layers: Sequence[Layer], config: LampQConfig) -> np.ndarray:
+    """[items, options] mask from per-type min / max bits and the user's fixed layers."""
+    low, high = dict(config.min_bits), dict(config.max_bits)
+    fixed = dict(config.fixed_layers)
+    allowed = np.ones([len(items.keys), items.weight_bits.size], bool)
+    for k, mem in enumerate(items.members):
+        for i in mem:
+            t, path = layers[i].type, layers[i].path
+            for bits in (items.weight_bits, items.act_bits):
+                if t in low:
+                    allowed[k] &= bits >= low[t]
+                if t in high:
+                    allowed[k] &= bits <= high[t]
+            if path in fixed:
+                allowed[k] &= (items.weight_bits == fixed[path]) & (items.act_bits == fixed[path])
+        if not allowed[k].any():
+            raise ValueError(f"item {items.keys[k]!r} has no allowed bit-width under min_bits={config.min_bits}, "
+                             f"max_bits={config.max_bits}, fixed_layers={config.fixed_layers}")
+    return allowed
+
+
+def _assignment(items: _Items, layers: Sequence[Layer], choice: np.ndarray) -> dict[str, tuple[int, int]]:
+    return {layers[i].path: (int(items.weight_bits[c]), int(items.act_bits[c]))
+            for mem, c in zip(items.members, choice) for i in mem}
+
+
+def quantize(
+    model: nn.Module,
+    variables: Any,
+    calib_images: Any,
+    *,
+    budget: float,
+    labels: Optional[Any] = None,
+    objective: Optional[Any] = None,
+    config: LampQConfig = LampQConfig(),
+    **apply_kwargs: Any,
+) -> QuantizationResult:
+    """LampQ: per-layer bit-widths from the type-aware Fisher metric, the ILP and iterative updates.
+
+    Args:
+      model, variables: an unchanged flax.linen model and its variables.
+      calib_images: calibration inputs [N, ...] (e.g. 32 images), finite.
+      budget: β: average bits (default), BOPs bits, or bytes; see `LampQConfig.budget_kind`.
+      labels: [N] labels: empirical Fisher and a cross-entropy objective.
+      objective: 'kl', 'cross_entropy', 'cosine' or `fn(q_out, fp_out, labels) -> scalar`.
+      config: every option of the method.
+      **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
+
+    Returns:
+      A `QuantizationResult` with the bits per layer, `apply`, the report and timings.
+    """
+    timer = _Timer()
+    if not np.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a positive number, got {budget}")
+    prep = _prepare(model, variables, calib_images, calibration=config.calibration, batch_size=config.batch_size,
+                    timer=timer, apply_kwargs=apply_kwargs)
+    layers, images = prep.layers, prep.images
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+    unknown = sorted(set(dict(config.fixed_layers)) - {l.path for l in layers})
+    if unknown:
+        raise ValueError(f"fixed_layers names unknown layer path(s) {unknown[:5]}")
+    allocated = [i for i, l in enumerate(layers) if l.type not in config.fixed_types]
+    if not allocated:
+        raise ValueError(f"no layer to allocate: every layer's type is in fixed_types={config.fixed_types}")
+    fixed_bits = {l.path: (config.fixed_bits, config.fixed_bits) for l in layers if l.type in config.fixed_types}
+    attn_bits = config.attn_bits or int(np.clip(round(budget if config.budget_kind != "model_bytes" else 4), 2, 8))
+    attention_bits = {p: attn_bits for p in prep.attention}
+    objective_fn = resolve_objective(objective, labels_given=labels is not None, output=config.output)
+    fisher_kind = config.fisher if config.fisher != "auto" else ("empirical" if labels is not None else "true")
+    if fisher_kind == "empirical" and labels is None:
+        raise ValueError("fisher='empirical' needs labels")
+    fisher_labels = labels if fisher_kind == "empirical" else None
+    rng = jax.random.key(config.seed)
+    cands = list(config.candidates)
+    alloc_layers = [layers[i] for i in allocated]
+    dq = DynamicQuantizer(model, variables, layers, prep.attention, prep.act_params, apply_kwargs)
+    label_array = None if labels is None else jnp.asarray(labels)
+
+    def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
+        outs = jnp.concatenate([dq.apply(b, bits, attention) for b in batches(images, 64)])
+        return float(objective_fn(outs, prep.fp_outputs, label_array))
+
+    j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
+    bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
+
+    with timer("fisher"):
+        bar.set_postfix_str("Fisher traces")
+        fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
+                               batch_size=config.batch_size, output=config.output, **apply_kwargs)
+    bar.update()
+    with timer("metric"):
+        w_err = weight_errors(variables, alloc_layers, cands)
+        a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
+        w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
+    bar.update()
+
+    # α per type from measured single-unit quantization (units: layer groups, q/k/v together)
+    units: dict[str, list[int]] = {}
+    for j, l in enumerate(alloc_layers):
+        units.setdefault(l.group, []).append(j)
+    unit_keys = list(units)
+    unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
+    predicted_low = np.array([(w_term[u, 0] + a_term[u, 0]).sum() for u in units.values()])
+    b_low = cands[0]
+    to_measure: set[int] = set()
+    if config.alpha == "probe":
+        for t in set(unit_types):
+            members = [k for k, tk in enumerate(unit_types) if tk == t]
+            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
+    if config.metric_check:
+        to_measure.update(range(len(unit_keys)))
+    measured: dict[int, float] = {}
+    with timer("probe"):
+        for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
+            bits = {alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]}
+            measured[k] = measure(bits, {}) - j_fp
+    fisher_w_units = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
+    alpha = alpha_by_type(config.alpha, unit_types, predicted_low, fisher_weight=fisher_w_units, measured_low=measured)
+    bar.update()
+    layer_alpha = np.array([alpha[l.type] for l in alloc_layers])[:, None]
+    spearman_figures = {}
+    if config.metric_check and len(unit_keys) >= 2:
+        order = sorted(measured)
+        truth = [measured[k] for k in order]
+        for mode in ("none", "mean", "probe"):
+            a_mode = alpha if mode == config.alpha else alpha_by_type(
+                mode, unit_types, predicted_low, fisher_weight=fisher_w_units, measured_low=measured)
+            omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
+            spearman_figures[mode] = spearman(omega, truth)
+
+    # ILP and iterative updates
+    items = _items(alloc_layers, range(len(alloc_layers)), config)
+    allowed = _allowed(items, alloc_layers, config)
+    num_weights = np.array([sum(alloc_layers[i].num_weights for i in mem) for mem in items.members])
+    num_acts = np.array([sum(alloc_layers[i].num_activations for i in mem) for mem in items.members])
+    macs = np.array([sum(alloc_layers[i].macs for i in mem) for mem in items.members])
+    scale_bytes = np.array([
+        sum(SCALE_BYTES_PER_CHANNEL * int(np.prod([alloc_layers[i].weight_shape[a] for a in alloc_layers[i].out_axes]))
+            for i in mem) for mem in items.members])
+    budget_obj = _budget(config, budget, macs)
+
+    def solve(cost_w, cost_a) -> AllocationResult:
+        return allocate_bits(_item_cost(items, cost_w, cost_a), items.weight_bits, items.act_bits,
+                             num_weights=num_weights, num_activations=num_acts, macs=macs, scale_bytes=scale_bytes,
+                             budget=budget_obj, allowed=allowed, time_limit=config.ilp_time_limit,
+                             mip_gap=config.mip_gap)
+
+    omega_w, omega_a = layer_alpha * w_term, layer_alpha * a_term
+    history = []
+    with timer("ilp"):
+        solution = solve(omega_w, omega_a)
+    assignment = _assignment(items, alloc_layers, solution.choice)
+    with timer("evaluate"):
+        j_value = measure({**assignment, **fixed_bits}, attention_bits) - j_fp
+    history.append({"round": 0, "bits": assignment, "J": j_value, "ilp_status": solution.status,
+                    "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
+                    "ilp_seconds": solution.solve_seconds})
+    bar.update()
+    best = (j_value, assignment, 0)
+    stale = 0
+    for k in range(1, config.iterations + 1):
+        start = time.perf_counter()
+        spec = QuantSpec.build(layers, {**assignment, **fixed_bits}, attention_bits=attention_bits)
+        with timer("iterations"):
+            point = quant_point(variables, layers, spec, prep.act_params)
+            fisher_k = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
+                                     batch_size=config.batch_size, output=config.output,
+                                     quant=point, **apply_kwargs)
+            a_err_k = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands,
+                                        quant=point, **apply_kwargs)
+            new_w, new_a = predicted_increase(fisher_k, alloc_layers, w_err, a_err_k)
+            omega_w = config.damping * omega_w + (1 - config.damping) * layer_alpha * new_w
+            omega_a = config.damping * omega_a + (1 - config.damping) * layer_alpha * new_a
+            solution = solve(omega_w, omega_a)
+            new_assignment = _assignment(items, alloc_layers, solution.choice)
+            j_value = measure({**new_assignment, **fixed_bits}, attention_bits) - j_fp
+        history.append({"round": k, "bits": new_assignment, "J": j_value, "ilp_status": solution.status,
+                        "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
+                        "seconds": time.perf_counter() - start})
+        bar.update()
+        if j_value < best[0]:
+            best, stale = (j_value, new_assignment, k), 0
+        else:
+            stale += 1
+        if new_assignment == assignment or stale >= 2:
+            assignment = new_assignment
+            break
+        assignment = new_assignment
+    bar.close()
+
+    final_bits = {**best[1], **fixed_bits}
+    layer_rows = []
+    for j, l in enumerate(alloc_layers):
+        layer_rows.append({
+            "path": l.path, "type": l.type, "group": item_key(l, config), "num_weights": l.num_weights,
+            "macs": l.macs, "fisher_w": fisher.weight[l.path], "fisher_a": fisher.activation[l.path],
+            "alpha": alpha[l.type],
+            "omega": {str(b): float(layer_alpha[j, 0] * (w_term[j, c] + a_term[j, c])) for c, b in enumerate(cands)},
+            "bits": list(final_bits[l.path]),
+        })
+    extra = {
+        "budget": budget, "budget_kind": config.budget_kind, "config": dataclasses.asdict(config),
+        "fisher": fisher_kind, "alpha": alpha, "spearman": spearman_figures, "J_fp": j_fp, "J": best[0],
+        "best_round": best[2], "history": history, "layers": layer_rows,
+        "probes": {unit_keys[k]: v for k, v in measured.items()},
+    }
+    return _finish(model, variables, prep, final_bits, attention_bits, "lampq", extra, timer, apply_kwargs)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -163,6 +163,19 @@ def activation_interceptor(spec: QuantSpec, act_params: ActivationParams, *, ste
         attention_paths=frozenset(attention_bits),
         on_softmax=on_softmax,
     )
+
+
+class QuantPoint(NamedTuple):
+    """A quantized operating point: the spec, its activation quantizers, and fake-quantized variables."""
+
+    spec: QuantSpec
+    act_params: ActivationParams
+    variables: Any
+
+
+def quant_point(variables: Any, layers: Sequence[Layer], spec: QuantSpec, act_params: ActivationParams) -> QuantPoint:
+    """Fake-quantizes the kernels of `spec` once and bundles the point for Fisher / error passes."""
+    return QuantPoint(spec, act_params, fake_quantize_params(variables, layers, spec))
 
 
 def quantized_apply(

@@ -1,0 +1,124 @@
+"""Fake quantization with bit-widths as traced values: one compilation for every assignment.
+
+The allocation search runs the model under many assignments (single-layer probes, each ILP
+round). `DynamicQuantizer.apply` takes the bits of every site as int32 arrays (0 = not
+quantized) and kernels quantized on the host side per (layer, bits) and cached, so changing
+the assignment never retraces. The static path (`QuantizedModel`) is used for the final model.
+
+    uniform:  x̂ = (clip(round(x / s) + z, 0, 2^b − 1) − z) · s,  (s, z) = table[b]
+    log√2:    code = round(−2 log2 w), x̂ = 2^(−code / 2) if code ≤ 2^b − 1 else 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lampq_jax.apply.calibration import ActivationParams
+from lampq_jax.apply.fake import quantize_kernel
+from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.layers.discovery import Layer
+
+
+def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array) -> jax.Array:
+    """Uniform fake quantization of `x` at traced `bits` with (scale, zero) = table[bits]; bits 0: identity."""
+    safe = jnp.maximum(bits, 2)
+    scale, zero = table[safe, 0], table[safe, 1]
+    levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
+    q = (jnp.clip(jnp.round(x / scale) + zero, 0.0, levels) - zero) * scale
+    return jnp.where(bits > 0, q.astype(x.dtype), x)
+
+
+def log_sqrt2_dynamic(w: jax.Array, bits: jax.Array) -> jax.Array:
+    """log√2 fake quantization of softmax outputs w ∈ [0, 1] at traced `bits`; bits 0: identity."""
+    safe = jnp.maximum(bits, 2)
+    levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
+    code = jnp.round(-2.0 * jnp.log2(jnp.maximum(w, 1e-38)))
+    code = jnp.maximum(code, 0.0)
+    q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / 2.0), 0.0)
+    return jnp.where(bits > 0, q.astype(w.dtype), w)
+
+
+@dataclasses.dataclass(eq=False)
+class DynamicQuantizer:
+    """Runs `model` under any assignment of bits without recompiling.
+
+    Attributes:
+      model, variables: the unchanged model and its full-precision variables.
+      layers: its layers; attention: its attention module paths.
+      act_params: calibrated activation quantizers per site.
+      apply_kwargs: keyword arguments of `model.apply`.
+      weight_grid: clipping-search grid of the weights (None: default).
+    """
+
+    model: nn.Module
+    variables: Any
+    layers: Sequence[Layer]
+    attention: Sequence[str]
+    act_params: ActivationParams
+    apply_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weight_grid: Optional[tuple[float, ...]] = None
+    _kernels: dict[tuple[str, int], jax.Array] = dataclasses.field(default_factory=dict, repr=False)
+    _run: Any = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        self._flat = flatten_dict(dict(self.variables)["params"], sep="/")
+        self._out_axes = {l.path: tuple(l.out_axes) for l in self.layers}
+        self._sites = sorted(self.act_params)
+        self._tables = {s: jnp.asarray(self.act_params[s]) for s in self._sites}
+
+        def run(params, site_bits, softmax_bits, x):
+            def on_site(site, value):
+                return fake_quant_dynamic(value, self._tables[site], site_bits[site]) if site in site_bits else value
+
+            def on_softmax(path, weights):
+                return log_sqrt2_dynamic(weights, softmax_bits[path])
+
+            interceptor = site_interceptor(on_site, on_softmax=on_softmax)
+            with nn.intercept_methods(interceptor):
+                return self.model.apply({**dict(self.variables), "params": params}, x, **self.apply_kwargs)
+
+        self._run = jax.jit(run)
+
+    def kernel(self, path: str, bits: int) -> jax.Array:
+        """The kernel of layer `path` fake-quantized at `bits` (0: full precision), cached."""
+        key = (path, int(bits))
+        if key not in self._kernels:
+            kernel = self._flat[f"{path}/kernel"]
+            self._kernels[key] = kernel if bits == 0 else quantize_kernel(
+                kernel, int(bits), self._out_axes[path], grid=self.weight_grid)
+        return self._kernels[key]
+
+    def params(self, weight_bits: Mapping[str, int]) -> Any:
+        """Params with the kernels of `weight_bits` {path: bits} quantized (others full precision)."""
+        flat = dict(self._flat)
+        for path, bits in weight_bits.items():
+            flat[f"{path}/kernel"] = self.kernel(path, bits)
+        return unflatten_dict(flat, sep="/")
+
+    def apply(
+        self,
+        x: jax.Array,
+        bits: Mapping[str, tuple[int, int]],
+        attention_bits: Optional[Mapping[str, int]] = None,
+    ) -> jax.Array:
+        """Model output on `x` with `bits` {path: (weight bits, act bits)}; absent layers stay float."""
+        unknown = sorted(set(bits) - set(self._out_axes))
+        if unknown:
+            raise ValueError(f"unknown layer path(s) {unknown[:5]}")
+        attention_bits = attention_bits or {}
+        site_bits = {s: np.int32(0) for s in self._sites}
+        for path, (_, ab) in bits.items():
+            site_bits[path] = np.int32(ab)
+        for path, b in attention_bits.items():
+            for s in "qkv":
+                site_bits[f"{path}/{s}"] = np.int32(b)
+        softmax_bits = {p: np.int32(attention_bits.get(p, 0)) for p in self.attention}
+        params = self.params({p: wb for p, (wb, _) in bits.items()})
+        return self._run(params, site_bits, softmax_bits, x)

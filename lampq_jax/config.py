@@ -1,0 +1,100 @@
+"""`LampQConfig`: every option of the method (METHOD.md), so each ablation is one field."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from lampq_jax.layers.types import LAYER_TYPES
+
+GRANULARITIES = ("layer", "module")
+BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LampQConfig:
+    """Options of `lampq_jax.quantize`.
+
+    Attributes:
+      candidates: candidate bit-widths B.
+      budget_kind: what `budget` limits: 'avg_bits' (Σ|W_i| b_i ≤ β Σ|W_i|), 'bops'
+        (Σ MACs_i b_w b_a ≤ β² Σ MACs_i) or 'model_bytes' (β is the byte limit of the allocated layers).
+      granularity: 'layer' (LampQ's I1) or 'module' (one bit-width per attention / MLP module).
+      split_qkv: give q, k and v their own bit-widths instead of one for the three.
+      alpha: type-aware scale α_t: 'probe' (I2), 'mean', or 'none' (HAWQ-style, no I2).
+      probes: P, layers (groups) probed per type for α = 'probe'.
+      iterations: K, rounds of iterative bit updates (I3); 0 turns them off.
+      damping: weight of the previous metric: Ω^(k) = d Ω^(k−1) + (1 − d) Ω_new.
+      separate_weight_act_bits: allocate weight and activation bits separately.
+      fixed_types: types kept at `fixed_bits` (embed and head by default).
+      fixed_bits: bits of those layers.
+      fixed_layers: {path: bits} the user fixes.
+      min_bits, max_bits: per-type bounds, e.g. (('fc2', 4),).
+      attn_bits: bits of the attention matmul inputs (None: the budget rounded).
+      calibration: activation range method: 'mse', 'percentile' or 'minmax'.
+      fisher: 'auto' (empirical with labels, true otherwise), 'empirical' or 'true'.
+      output: 'logits' or 'features' (likelihood of the true Fisher, default objective).
+      batch_size: samples per vmapped chunk of the Fisher pass and per calibration batch.
+      metric_check: also measure every group alone to report the metric's Spearman figure.
+      ilp_time_limit, mip_gap: the solver's limits.
+      seed: seeds the true Fisher's targets.
+      progress: show progress bars.
+    """
+
+    candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    budget_kind: str = "avg_bits"
+    granularity: str = "layer"
+    split_qkv: bool = False
+    alpha: str = "probe"
+    probes: int = 4
+    iterations: int = 3
+    damping: float = 0.5
+    separate_weight_act_bits: bool = False
+    fixed_types: tuple[str, ...] = ("embed", "head")
+    fixed_bits: int = 8
+    fixed_layers: tuple[tuple[str, int], ...] = ()
+    min_bits: tuple[tuple[str, int], ...] = ()
+    max_bits: tuple[tuple[str, int], ...] = ()
+    attn_bits: Optional[int] = None
+    calibration: str = "mse"
+    fisher: str = "auto"
+    output: str = "logits"
+    batch_size: int = 8
+    metric_check: bool = True
+    ilp_time_limit: float = 30.0
+    mip_gap: float = 1e-4
+    seed: int = 0
+    progress: bool = True
+
+    def __post_init__(self):
+        bad = [b for b in self.candidates if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8]
+        if not self.candidates or bad or len(set(self.candidates)) != len(self.candidates):
+            raise ValueError(f"candidates must be distinct integers in [2, 8], got {self.candidates}")
+        object.__setattr__(self, "candidates", tuple(sorted(self.candidates)))
+        choices = {
+            "budget_kind": BUDGET_KINDS,
+            "granularity": GRANULARITIES,
+            "alpha": ("probe", "mean", "none"),
+            "calibration": ("mse", "percentile", "minmax"),
+            "fisher": ("auto", "empirical", "true"),
+            "output": ("logits", "features"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("probes", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.iterations < 0:
+            raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not 0.0 <= self.damping < 1.0:
+            raise ValueError(f"damping must be in [0, 1), got {self.damping}")
+        for name in ("min_bits", "max_bits"):
+            for t, b in getattr(self, name):
+                if t not in LAYER_TYPES or not 2 <= b <= 8:
+                    raise ValueError(f"{name} entry {(t, b)} needs a type in {LAYER_TYPES} and bits in [2, 8]")
+        for path, b in self.fixed_layers:
+            if not 2 <= b <= 8:
+                raise ValueError(f"fixed_layers entry {(path, b)}: bits must be in [2, 8]")
+        if not 2 <= self.fixed_bits <= 8 or (self.attn_bits is not None and not 2 <= self.attn_bits <= 8):
+            raise ValueError(f"fixed_bits={self.fixed_bits} and attn_bits={self.attn_bits} must be in [2, 8]")
