@@ -5,6 +5,6 @@ __version__ = "0.1.0"
 from lampq_jax.layers import Layer, find_layers
 from lampq_jax.models import create_vit
 from lampq_jax.pipeline import quantize_uniform
-from lampq_jax.result import QuantizationResult
+from lampq_jax.result import QuantizationResult, load_result
 from lampq_jax.config import LampQConfig
 from lampq_jax.pipeline import quantize

@@ -1,11 +1,25 @@
-"""The result of a quantization run: the quantized model, its bits, its report."""
+"""The result of a quantization run: the quantized model, its bits, its report; saved and reloaded."""
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
 
+import flax.linen as nn
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lampq_jax.apply.fake import QuantSpec
 from lampq_jax.apply.model import QuantizedModel
+from lampq_jax.layers.discovery import Layer
+from lampq_jax.models.vit import ViT
+
+RESULT_FORMAT = 1
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +43,108 @@ class QuantizationResult:
         """{layer path: (weight bits, activation bits)}."""
         return self.quantized.bits
 
+    @property
+    def attention_bits(self) -> dict[str, int]:
+        """{attention path: bits of its q, k, v and softmax output}."""
+        return dict(self.quantized.spec.attention)
+
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the quantized model on new inputs (jitted; quantization-time apply kwargs unless overridden)."""
         return self.quantized.apply(*args, **kwargs)
+
+    def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Writes `allocation.json`, `report.json` and `arrays.npz` into `directory`, atomically.
+
+        The files are written into a temporary folder beside `directory` that is renamed into place,
+        so a failure leaves no partial result. An existing `directory` is an error unless `overwrite`.
+        """
+        target = Path(directory)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"{target} exists; pass overwrite=True to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        q = self.quantized
+        allocation = {
+            "format": RESULT_FORMAT,
+            "method": self.method,
+            "bits": {p: list(b) for p, b in self.bits.items()},
+            "attention_bits": self.attention_bits,
+            "weight_grid": list(q.spec.weight_grid) if q.spec.weight_grid else None,
+            "apply_kwargs": q.apply_kwargs,
+            "model": _model_config(q.model),
+            "layers": [dataclasses.asdict(l) for l in q.layers],
+        }
+        arrays = {f"variables/{k}": np.asarray(v) for k, v in flatten_dict(_plain(q.variables), sep="/").items()}
+        arrays.update({f"act_params/{site}": np.asarray(t) for site, t in q.act_params.items()})
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            (tmp / "allocation.json").write_text(json.dumps(allocation, indent=1))
+            (tmp / "report.json").write_text(json.dumps({"report": self.report, "timings": self.timings}, indent=1,
+                                                         default=_json_default))
+            np.savez(tmp / "arrays.npz", **arrays)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return target
+
+
+def _plain(tree: Any) -> dict:
+    return {k: _plain(v) for k, v in tree.items()} if hasattr(tree, "items") else tree
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, tuple):
+        return list(value)
+    return str(value)
+
+
+def _model_config(model: nn.Module) -> Optional[dict[str, Any]]:
+    """Fields of a lampq_jax ViT (to rebuild it on load); None for other models."""
+    if not isinstance(model, ViT):
+        return None
+    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(ViT) if f.name not in ("parent", "name")}
+    fields.pop("dtype")
+    fields["patch_size"] = list(fields["patch_size"])
+    return fields
+
+
+def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None) -> QuantizationResult:
+    """Reloads a saved result; its `apply` gives outputs identical to the saved one's.
+
+    Args:
+      directory: a folder written by `QuantizationResult.save`.
+      model: the flax.linen module; needed unless the result was made from a lampq_jax ViT.
+    """
+    folder = Path(directory)
+    for name in ("allocation.json", "report.json", "arrays.npz"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not a saved result: {name} is missing")
+    allocation = json.loads((folder / "allocation.json").read_text())
+    if allocation.get("format") != RESULT_FORMAT:
+        raise ValueError(f"{folder}: unsupported result format {allocation.get('format')!r}")
+    if model is None:
+        if allocation["model"] is None:
+            raise ValueError(f"{folder} was made from a model that is not a lampq_jax ViT; pass model=")
+        config = dict(allocation["model"])
+        config["patch_size"] = tuple(config["patch_size"])
+        model = ViT(**config)
+    stored = json.loads((folder / "report.json").read_text())
+    with np.load(folder / "arrays.npz") as npz:
+        variables = unflatten_dict({k[len("variables/"):]: npz[k] for k in npz.files if k.startswith("variables/")},
+                                   sep="/")
+        act_params = {k[len("act_params/"):]: npz[k] for k in npz.files if k.startswith("act_params/")}
+    layers = tuple(
+        Layer(**{**l, "weight_shape": tuple(l["weight_shape"]), "out_axes": tuple(l["out_axes"]),
+                 "input_shape": tuple(l["input_shape"]), "output_shape": tuple(l["output_shape"])})
+        for l in allocation["layers"])
+    spec = QuantSpec.build(layers, {p: tuple(b) for p, b in allocation["bits"].items()},
+                           attention_bits=allocation["attention_bits"], weight_grid=allocation["weight_grid"])
+    quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]))
+    return QuantizationResult(quantized=quantized, method=allocation["method"], report=stored["report"],
+                              timings=stored["timings"])

@@ -1,0 +1,119 @@
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax.traverse_util import flatten_dict
+
+from lampq_jax import find_layers
+from lampq_jax.apply import QuantSpec, calibrate_activations, find_attention_paths
+from lampq_jax.apply.fake import quant_point
+from lampq_jax.sensitivity import fisher_traces
+
+MID = "Transformer/encoderblock_1/MlpBlock_0/Dense_0"
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_setup):
+    model, variables, images = tiny_setup
+    images = images[:6]
+    labels = jnp.array([0, 3, 1, 7, 2, 9])
+    layers = find_layers(model, variables, images[:1])
+    return model, variables, images, labels, layers
+
+
+def loop_traces(model, variables, images, labels, layers):
+    """Independent reference: one jax.grad per sample, squared norms of the kernel gradients."""
+    def loss(params, x, y):
+        logits = model.apply({"params": params}, x[None])
+        return jax.nn.log_softmax(logits[0])[y]
+
+    grad = jax.jit(jax.grad(loss))
+    sums = {l.path: 0.0 for l in layers}
+    for x, y in zip(images, labels):
+        g = flatten_dict(grad(variables["params"], x, y), sep="/")
+        for l in layers:
+            sums[l.path] += float(jnp.sum(g[f"{l.path}/kernel"] ** 2))
+    return {p: s / len(images) for p, s in sums.items()}
+
+
+def perturbation_trace(model, variables, images, labels, path):
+    """Independent reference: gradient w.r.t. an explicit perturbation added to one layer's input."""
+    def loss(delta, x, y):
+        def add(next_fun, args, kwargs, context):
+            if context.method_name == "__call__" and "/".join(context.module.scope.path) == path:
+                args = (args[0] + delta,) + args[1:]
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(add):
+            logits = model.apply(variables, x[None])
+        return jax.nn.log_softmax(logits[0])[y]
+
+    shape = (1, 17, 32)
+    grads = [jax.grad(loss)(jnp.zeros(shape), x, y) for x, y in zip(images, labels)]
+    return float(np.mean([jnp.sum(g**2) for g in grads]))
+
+
+def test_vmapped_weight_traces_equal_per_sample_loop(setup):
+    model, variables, images, labels, layers = setup
+    traces = fisher_traces(model, variables, images, layers, labels=labels, batch_size=4)
+    reference = loop_traces(model, variables, images, labels, layers)
+    for l in layers:
+        np.testing.assert_allclose(traces.weight[l.path], reference[l.path], rtol=1e-5, err_msg=l.path)
+    assert traces.num_samples == 6
+
+
+def test_activation_traces_equal_explicit_perturbation(setup):
+    model, variables, images, labels, layers = setup
+    traces = fisher_traces(model, variables, images, layers, labels=labels, batch_size=3)
+    mid = perturbation_trace(model, variables, images, labels, MID)
+    np.testing.assert_allclose(traces.activation[MID], mid, rtol=1e-5)
+    # the embedding's input is the image itself
+    grad_x = jax.vmap(jax.grad(lambda x, y: jax.nn.log_softmax(model.apply(variables, x[None])[0])[y]))(images, labels)
+    np.testing.assert_allclose(traces.activation["embedding"], float(jnp.mean(jnp.sum(grad_x**2, axis=(1, 2, 3)))),
+                               rtol=1e-5)
+
+
+def test_chunk_size_does_not_change_the_result(setup):
+    model, variables, images, labels, layers = setup
+    a = fisher_traces(model, variables, images, layers, labels=labels, batch_size=1)
+    b = fisher_traces(model, variables, images, layers, labels=labels, batch_size=4)  # 6 = 4 + remainder 2
+    for p in a.weight:
+        np.testing.assert_allclose(a.weight[p], b.weight[p], rtol=1e-5)
+        np.testing.assert_allclose(a.activation[p], b.activation[p], rtol=1e-5)
+
+
+def test_true_fisher_targets_come_from_rng(setup):
+    model, variables, images, _, layers = setup
+    run = lambda seed: fisher_traces(model, variables, images, layers, rng=jax.random.key(seed), batch_size=6)
+    a, b, c = run(0), run(0), run(1)
+    assert a.weight == b.weight and a.activation == b.activation
+    assert a.weight != c.weight
+    with pytest.raises(ValueError, match="needs rng"):
+        fisher_traces(model, variables, images, layers)
+
+
+def test_features_and_custom_likelihood(setup):
+    model, variables, images, labels, layers = setup
+    feats = fisher_traces(model, variables, images, layers, rng=jax.random.key(0), output="features", batch_size=6)
+    assert all(v > 0 for v in feats.weight.values())
+    custom = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6,
+                           log_likelihood=lambda out, y: jax.nn.log_softmax(out.reshape(-1))[y])
+    empirical = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6)
+    for p in custom.weight:
+        np.testing.assert_allclose(custom.weight[p], empirical.weight[p], rtol=1e-6)
+    with pytest.raises(ValueError, match="labels have 2 entries for 6 images"):
+        fisher_traces(model, variables, images, layers, labels=labels[:2])
+
+
+def test_fisher_at_a_quantized_point(setup):
+    model, variables, images, labels, layers = setup
+    attention = find_attention_paths(model, variables, images[:1])
+    act_params = calibrate_activations(model, variables, images)
+    spec = QuantSpec.build(layers, {l.path: (3, 3) for l in layers}, attention_bits={a: 4 for a in attention})
+    point = quant_point(variables, layers, spec, act_params)
+    fp = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6)
+    q = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6, quant=point)
+    assert all(np.isfinite(v) and v > 0 for v in q.weight.values())
+    rel = [abs(q.weight[p] - fp.weight[p]) / fp.weight[p] for p in fp.weight]
+    assert max(rel) > 0.01  # the quantized point has its own sensitivities

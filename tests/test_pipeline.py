@@ -1,0 +1,100 @@
+import os
+
+import jax
+import numpy as np
+import pytest
+
+import lampq_jax
+from lampq_jax import LampQConfig
+
+
+FAST = dict(progress=False, iterations=1, probes=2)
+
+
+@pytest.fixture(scope="module")
+def lampq_result(tiny_setup):
+    model, variables, images = tiny_setup
+    return lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST))
+
+
+def allocated_avg(result):
+    rows = [l for l in result.quantized.layers if l.type not in ("embed", "head")]
+    return sum(l.num_weights * result.bits[l.path][0] for l in rows) / sum(l.num_weights for l in rows)
+
+
+def test_lampq_meets_budget_and_reports(lampq_result):
+    r = lampq_result
+    assert allocated_avg(r) <= 4.0 + 1e-9
+    assert r.report["avg_weight_bits_allocated"] == pytest.approx(allocated_avg(r))
+    assert r.bits["embedding"] == (8, 8) and r.bits["output_projection"] == (8, 8)
+    for block in range(2):
+        attn = f"Transformer/encoderblock_{block}/MultiHeadDotProductAttention_0"
+        assert r.bits[f"{attn}/query"] == r.bits[f"{attn}/key"] == r.bits[f"{attn}/value"]
+    assert set(r.report["spearman"]) == {"none", "mean", "probe"}
+    assert set(r.report["alpha"]) == {"qkv", "proj", "fc1", "fc2"}
+    assert r.report["history"][0]["ilp_status"] == "optimal"
+    assert len(r.report["layers"]) == 12 and set(r.report["layers"][0]["omega"]) == {"2", "3", "4", "5", "6", "8"}
+    assert {"discovery", "calibration", "fisher", "metric", "probe", "ilp"} <= set(r.timings)
+    assert r.report["model_bytes"] < r.report["fp32_bytes"]
+
+
+def test_same_seed_same_result(tiny_setup, lampq_result):
+    model, variables, images = tiny_setup
+    again = lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST))
+    assert again.bits == lampq_result.bits
+    np.testing.assert_array_equal(again.apply(images), lampq_result.apply(images))
+
+
+def test_save_and_reload_identical(tmp_path, tiny_setup, lampq_result):
+    _, _, images = tiny_setup
+    folder = lampq_result.save(tmp_path / "run")
+    assert sorted(os.listdir(folder)) == ["allocation.json", "arrays.npz", "report.json"]
+    loaded = lampq_jax.load_result(folder)
+    assert loaded.bits == lampq_result.bits and loaded.method == "lampq"
+    np.testing.assert_array_equal(loaded.apply(images), lampq_result.apply(images))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        lampq_result.save(folder)
+
+
+def test_failed_save_leaves_nothing(tmp_path, monkeypatch, lampq_result):
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "savez", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lampq_result.save(tmp_path / "run")
+    assert os.listdir(tmp_path) == []
+
+
+def test_infeasible_budget_states_smallest(tiny_setup):
+    model, variables, images = tiny_setup
+    with pytest.raises(ValueError, match="smallest feasible average is 2.0 bits"):
+        lampq_jax.quantize(model, variables, images[:4], budget=1.5,
+                           config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"))
+
+
+def test_bad_calibration_data(tiny_setup):
+    model, variables, images = tiny_setup
+    bad = np.array(images)
+    bad[0, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        lampq_jax.quantize(model, variables, bad, budget=4.0)
+    with pytest.raises(ValueError, match="empty"):
+        lampq_jax.quantize(model, variables, images[:0], budget=4.0)
+
+
+def test_module_granularity_fixed_layers_and_bops(tiny_setup):
+    model, variables, images = tiny_setup
+    fixed = "Transformer/encoderblock_0/MlpBlock_0/Dense_1"
+    config = LampQConfig(progress=False, iterations=0, metric_check=False, alpha="mean", granularity="module",
+                         budget_kind="bops", fixed_layers=((fixed, 8),))
+    r = lampq_jax.quantize(model, variables, images[:8], budget=5.0, config=config)
+    mlp = [r.bits[f"Transformer/encoderblock_1/MlpBlock_0/Dense_{i}"] for i in range(2)]
+    assert mlp[0] == mlp[1]
+    assert r.bits[fixed] == (8, 8) and r.bits["Transformer/encoderblock_0/MlpBlock_0/Dense_0"] == (8, 8)
+    allocated = [l for l in r.quantized.layers if l.type not in ("embed", "head")]
+    bops = sum(l.macs * r.bits[l.path][0] * r.bits[l.path][1] for l in allocated)
+    assert bops <= 25 * sum(l.macs for l in allocated) * (1 + 1e-9)
+    with pytest.raises(ValueError, match="no/such"):
+        lampq_jax.quantize(model, variables, images[:8], budget=4.0,
+                           config=LampQConfig(progress=False, fixed_layers=(("no/such", 4),)))
