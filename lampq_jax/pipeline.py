@@ -305,6 +305,7 @@ def quantize(
         fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
                                batch_size=config.batch_size, output=config.output, **apply_kwargs)
     bar.update()
+    bar.set_postfix_str("quantization errors")
     with timer("metric"):
         w_err = weight_errors(variables, alloc_layers, cands)
         a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
@@ -327,10 +328,12 @@ def quantize(
     if config.metric_check:
         to_measure.update(range(len(unit_keys)))
     measured: dict[int, float] = {}
+    bar.set_postfix_str("single-layer probes")
     with timer("probe"):
         for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
             bits = {alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]}
             measured[k] = measure(bits, {}) - j_fp
+    bar.set_postfix_str("ILP and iterative updates")
     fisher_w_units = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
     alpha = alpha_by_type(config.alpha, unit_types, predicted_low, fisher_weight=fisher_w_units, measured_low=measured)
     bar.update()

@@ -1,0 +1,118 @@
+"""Human-readable outputs of a run: a markdown report, a bits-per-layer plot, accuracy evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lampq_jax.result import QuantizationResult
+
+TYPE_COLOURS = {"qkv": "#4C72B0", "proj": "#55A868", "fc1": "#C44E52", "fc2": "#8172B2",
+                "embed": "#937860", "head": "#DA8BC3", "other": "#8C8C8C"}
+
+
+def accuracy(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray,
+             batch_size: int = 500) -> float:
+    """Top-1 accuracy in percent of `apply_fn(images [B, ...]) -> logits [B, classes]`."""
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    correct = 0
+    for start in range(0, len(images), batch_size):
+        logits = apply_fn(jnp.asarray(images[start:start + batch_size]))
+        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[start:start + batch_size]))
+    return 100.0 * correct / len(images)
+
+
+def short_path(path: str) -> str:
+    """'Transformer/encoderblock_3/MlpBlock_0/Dense_0' → 'b3/MlpBlock_0/Dense_0'."""
+    return path.replace("Transformer/encoderblock_", "b").replace("MultiHeadDotProductAttention_0", "attn")
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[Any]] = ()) -> str:
+    """The run's report (METHOD.md §9): summary, per-layer table, iterations, timings."""
+    r = result.report
+    parts = [f"# LampQ report ({result.method})", ""]
+    if summary_rows:
+        parts += [markdown_table(["model", "accuracy %", "avg W bits", "avg A bits", "model bytes", "time s"],
+                                 summary_rows), ""]
+    parts += [
+        f"- average weight bits: {r['avg_weight_bits']:.3f} (allocated layers {r['avg_weight_bits_allocated']:.3f})",
+        f"- average activation bits: {r['avg_act_bits']:.3f} (allocated layers {r['avg_act_bits_allocated']:.3f})",
+        f"- model bytes: {r['model_bytes']:,.0f} of {r['fp32_bytes']:,.0f} in float32 "
+        f"({r['model_bytes'] / r['fp32_bytes']:.3f})",
+        f"- BOPs per example: {r['bops']:.4g} ({r['bops'] / r['fp_bops']:.4f} of 32-bit)",
+    ]
+    if "alpha" in r:
+        parts.append(f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective "
+                     f"J = {r['J']:.5f} (round {r['best_round']})")
+        parts.append("- α per type: " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))
+        if r.get("spearman"):
+            parts.append("- metric check, Spearman(Ω(b_low), measured ΔL): "
+                         + ", ".join(f"α={m}: {v:.3f}" for m, v in r["spearman"].items()))
+        cands = list(r["layers"][0]["omega"]) if r["layers"] else []
+        rows = [[short_path(l["path"]), l["type"], f"{l['num_weights']:,}", f"{l['macs']:,}",
+                 f"{l['fisher_w']:.3g}", f"{l['fisher_a']:.3g}", f"{l['alpha']:.3g}",
+                 *[f"{l['omega'][c]:.3g}" for c in cands], "W{}A{}".format(*l["bits"])] for l in r["layers"]]
+        parts += ["", "## Layers", "",
+                  markdown_table(["layer", "type", "|W|", "MACs", "tr F^W", "tr F^A", "α",
+                                  *[f"Ω({c})" for c in cands], "bits"], rows)]
+        hist = [[h["round"], f"{h['J']:.5f}", h["ilp_status"], f"{h['ilp_objective']:.4g}",
+                 " ".join(str(b[0]) for b in h["bits"].values())] for h in r["history"]]
+        parts += ["", "## Iterations", "", markdown_table(["round", "J", "ILP", "objective", "bits in layer order"],
+                                                          hist)]
+    parts += ["", "## Timings (s)", "", markdown_table(["stage", "seconds"],
+                                                        [[k, f"{v:.2f}"] for k, v in result.timings.items()])]
+    return "\n".join(parts) + "\n"
+
+
+def plot_bits(result: QuantizationResult, path: str | Path) -> Path:
+    """Saves a PNG: bits per layer coloured by type (top) and the Fisher metric Ω(b_low) per layer (bottom)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'lampq_jax[plot]'") from err
+    layers = [l for l in result.quantized.layers]
+    bits = [result.bits[l.path][0] for l in layers]
+    colours = [TYPE_COLOURS.get(l.type, "#8C8C8C") for l in layers]
+    rows = {row["path"]: row for row in result.report.get("layers", [])}
+    fig, axes = plt.subplots(2 if rows else 1, 1, figsize=(max(8, 0.22 * len(layers)), 6 if rows else 3.5),
+                             sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    ax.bar(range(len(layers)), bits, color=colours)
+    ax.set_ylabel("weight / activation bits")
+    ax.set_yticks([2, 3, 4, 5, 6, 8])
+    ax.set_title(f"{result.method}: bits per layer (avg {result.report['avg_weight_bits_allocated']:.2f} "
+                 "on allocated layers)")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for t, c in TYPE_COLOURS.items()
+               if any(l.type == t for l in layers)]
+    ax.legend(handles, [t for t in TYPE_COLOURS if any(l.type == t for l in layers)], ncol=7, fontsize=8,
+              loc="upper right")
+    if rows:
+        ax2 = axes[1, 0]
+        low = min(int(c) for c in next(iter(rows.values()))["omega"])
+        omega = [rows[l.path]["omega"][str(low)] if l.path in rows else np.nan for l in layers]
+        ax2.bar(range(len(layers)), omega, color=colours)
+        ax2.set_yscale("log")
+        ax2.set_ylabel(f"Ω at {low} bits")
+    last = axes[-1, 0]
+    last.set_xticks(range(len(layers)))
+    last.set_xticklabels([short_path(l.path) for l in layers], rotation=90, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
