@@ -52,6 +52,12 @@ class QuantizationResult:
         """Runs the quantized model on new inputs (jitted; quantization-time apply kwargs unless overridden)."""
         return self.quantized.apply(*args, **kwargs)
 
+    def export(self) -> dict:
+        """{layer path: QuantizedTensor}: packed low-bit codes of every quantized layer (`lampq_jax.export.export_result`)."""
+        from lampq_jax.export import export_result
+
+        return export_result(self)
+
     def save(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Writes `allocation.json`, `report.json` and `arrays.npz` into `directory`, atomically.
 
