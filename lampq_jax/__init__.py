@@ -8,3 +8,4 @@ from lampq_jax.pipeline import quantize_uniform
 from lampq_jax.result import QuantizationResult, load_result
 from lampq_jax.config import LampQConfig
 from lampq_jax.pipeline import quantize
+from lampq_jax.baselines import baseline_config, quantize_random

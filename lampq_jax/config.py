@@ -17,6 +17,9 @@ class LampQConfig:
 
     Attributes:
       candidates: candidate bit-widths B.
+      metric: 'fisher' (LampQ's ΔL̂ from Fisher traces) or 'vtptq' (nuclear norm × output perturbation,
+        the VT-PTQ-style baseline) or 'random' (random costs: a random assignment within the budget);
+        the last two need iterations=0.
       budget_kind: what `budget` limits: 'avg_bits' (Σ|W_i| b_i ≤ β Σ|W_i|), 'bops'
         (Σ MACs_i b_w b_a ≤ β² Σ MACs_i) or 'model_bytes' (β is the byte limit of the allocated layers).
       granularity: 'layer' (LampQ's I1) or 'module' (one bit-width per attention / MLP module).
@@ -42,6 +45,7 @@ class LampQConfig:
     """
 
     candidates: tuple[int, ...] = (2, 3, 4, 5, 6, 8)
+    metric: str = "fisher"
     budget_kind: str = "avg_bits"
     granularity: str = "layer"
     split_qkv: bool = False
@@ -78,6 +82,7 @@ class LampQConfig:
             "calibration": ("mse", "percentile", "minmax"),
             "fisher": ("auto", "empirical", "true"),
             "output": ("logits", "features"),
+            "metric": ("fisher", "vtptq", "random"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -85,6 +90,9 @@ class LampQConfig:
         for name in ("probes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.metric != "fisher" and self.iterations:
+            raise ValueError(f"metric={self.metric!r} has no iterative updates; set iterations=0 "
+                             f"(got {self.iterations})")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not 0.0 <= self.damping < 1.0:

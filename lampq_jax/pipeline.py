@@ -27,12 +27,14 @@ from lampq_jax.config import LampQConfig
 from lampq_jax.layers import Layer, find_layers
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
-from lampq_jax.sensitivity import fisher_traces
+from lampq_jax.sensitivity import FisherTraces, fisher_traces
+from lampq_jax.sensitivity.vtptq import vtptq_metric
 from lampq_jax.sensitivity.metric import (
     activation_errors,
     alpha_by_type,
     predicted_increase,
     probe_indices,
+    random_costs,
     spearman,
     weight_errors,
 )
@@ -238,6 +240,43 @@ def _assignment(items: _Items, layers: Sequence[Layer], choice: np.ndarray) -> d
             for mem, c in zip(items.members, choice) for i in mem}
 
 
+def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone):
+    """α per type from single-unit probes (units: layer groups), and the metric check's Spearman figures.
+
+    Returns (alpha, measured {unit index: ΔJ}, spearman {mode: r}, unit keys).
+    """
+    units: dict[str, list[int]] = {}
+    for j, l in enumerate(alloc_layers):
+        units.setdefault(l.group, []).append(j)
+    unit_keys = list(units)
+    unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
+    predicted_low = np.array([(w_term[u, 0] + a_term[u, 0]).sum() for u in units.values()])
+    b_low = config.candidates[0]
+    to_measure: set[int] = set()
+    if config.alpha == "probe":
+        for t in set(unit_types):
+            members = [k for k, tk in enumerate(unit_types) if tk == t]
+            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
+    if config.metric_check:
+        to_measure.update(range(len(unit_keys)))
+    measured = {}
+    for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
+        measured[k] = measure_alone({alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]})
+    fisher_w = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
+    figures = {}
+    for mode in ("none", "mean", "probe"):
+        if mode == "probe" and config.alpha != "probe" and not config.metric_check:
+            continue
+        figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=measured)
+    spearman_figures = {}
+    if config.metric_check and len(unit_keys) >= 2:
+        order = sorted(measured)
+        for mode, a_mode in figures.items():
+            omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
+            spearman_figures[mode] = spearman(omega, [measured[k] for k in order])
+    return figures[config.alpha], measured, spearman_figures, unit_keys
+
+
 def quantize(
     model: nn.Module,
     variables: Any,
@@ -300,53 +339,36 @@ def quantize(
     j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
     bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
 
-    with timer("fisher"):
-        bar.set_postfix_str("Fisher traces")
-        fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
-                               batch_size=config.batch_size, output=config.output, **apply_kwargs)
-    bar.update()
-    bar.set_postfix_str("quantization errors")
-    with timer("metric"):
-        w_err = weight_errors(variables, alloc_layers, cands)
-        a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
-        w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
-    bar.update()
-
-    # α per type from measured single-unit quantization (units: layer groups, q/k/v together)
-    units: dict[str, list[int]] = {}
-    for j, l in enumerate(alloc_layers):
-        units.setdefault(l.group, []).append(j)
-    unit_keys = list(units)
-    unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
-    predicted_low = np.array([(w_term[u, 0] + a_term[u, 0]).sum() for u in units.values()])
-    b_low = cands[0]
-    to_measure: set[int] = set()
-    if config.alpha == "probe":
-        for t in set(unit_types):
-            members = [k for k, tk in enumerate(unit_types) if tk == t]
-            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
-    if config.metric_check:
-        to_measure.update(range(len(unit_keys)))
-    measured: dict[int, float] = {}
-    bar.set_postfix_str("single-layer probes")
-    with timer("probe"):
-        for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
-            bits = {alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]}
-            measured[k] = measure(bits, {}) - j_fp
-    bar.set_postfix_str("ILP and iterative updates")
-    fisher_w_units = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
-    alpha = alpha_by_type(config.alpha, unit_types, predicted_low, fisher_weight=fisher_w_units, measured_low=measured)
-    bar.update()
+    if config.metric in ("vtptq", "random"):
+        with timer("metric"):
+            if config.metric == "vtptq":
+                w_term = vtptq_metric(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
+            else:
+                w_term = random_costs(len(alloc_layers), cands, config.seed)
+            a_term = np.zeros_like(w_term)
+        fisher = FisherTraces({l.path: float("nan") for l in alloc_layers},
+                              {l.path: float("nan") for l in alloc_layers}, len(images))
+        alpha = {t: 1.0 for t in {l.type for l in alloc_layers}}
+        measured, spearman_figures, unit_keys, w_err = {}, {}, [], None
+        bar.update(3)
+    else:
+        with timer("fisher"):
+            bar.set_postfix_str("Fisher traces")
+            fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
+                                   batch_size=config.batch_size, output=config.output, **apply_kwargs)
+        bar.update()
+        bar.set_postfix_str("quantization errors")
+        with timer("metric"):
+            w_err = weight_errors(variables, alloc_layers, cands)
+            a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
+            w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
+        bar.update()
+        bar.set_postfix_str("single-layer probes")
+        with timer("probe"):
+            alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
+                alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp)
+        bar.update()
     layer_alpha = np.array([alpha[l.type] for l in alloc_layers])[:, None]
-    spearman_figures = {}
-    if config.metric_check and len(unit_keys) >= 2:
-        order = sorted(measured)
-        truth = [measured[k] for k in order]
-        for mode in ("none", "mean", "probe"):
-            a_mode = alpha if mode == config.alpha else alpha_by_type(
-                mode, unit_types, predicted_low, fisher_weight=fisher_w_units, measured_low=measured)
-            omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
-            spearman_figures[mode] = spearman(omega, truth)
 
     # ILP and iterative updates
     items = _items(alloc_layers, range(len(alloc_layers)), config)

@@ -60,6 +60,20 @@ def _subsample(x: jax.Array, max_samples: int) -> jax.Array:
     return flat[::stride]
 
 
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "layer_paths", "attention_paths", "max_samples"))
+def _batch_stats(variables, batch, *, model, kwargs, layer_paths, attention_paths, max_samples):
+    """{site: (strided samples, min, max)} of one batch; compiled once per model and batch shape."""
+    found: dict[str, tuple[jax.Array, jax.Array, jax.Array]] = {}
+
+    def on_site(site, x):
+        found[site] = (_subsample(x, max_samples), jnp.min(x), jnp.max(x))
+        return x
+
+    with nn.intercept_methods(site_interceptor(on_site, layer_paths=layer_paths, attention_paths=attention_paths)):
+        model.apply(variables, batch, **dict(kwargs))
+    return found
+
+
 def collect_site_samples(
     model: nn.Module,
     variables: Any,
@@ -72,25 +86,13 @@ def collect_site_samples(
     **apply_kwargs: Any,
 ) -> dict[str, tuple[np.ndarray, float, float]]:
     """Runs the full-precision model over `images`; site → (samples [S], min, max)."""
-
-    def stats(variables, batch):
-        found: dict[str, tuple[jax.Array, jax.Array, jax.Array]] = {}
-
-        def on_site(site, x):
-            found[site] = (_subsample(x, max_samples), jnp.min(x), jnp.max(x))
-            return x
-
-        interceptor = site_interceptor(on_site, layer_paths=layer_paths, attention_paths=attention_paths)
-        with nn.intercept_methods(interceptor):
-            model.apply(variables, batch, **apply_kwargs)
-        return found
-
-    run = jax.jit(stats)
     samples: dict[str, list[np.ndarray]] = {}
     lo: dict[str, float] = {}
     hi: dict[str, float] = {}
     for batch in batches(images, batch_size):
-        for site, (values, mn, mx) in jax.device_get(run(variables, batch)).items():
+        stats = _batch_stats(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+                             layer_paths=layer_paths, attention_paths=attention_paths, max_samples=max_samples)
+        for site, (values, mn, mx) in jax.device_get(stats).items():
             samples.setdefault(site, []).append(values)
             lo[site] = min(lo.get(site, np.inf), float(mn))
             hi[site] = max(hi.get(site, -np.inf), float(mx))

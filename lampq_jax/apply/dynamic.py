@@ -12,7 +12,8 @@ the assignment never retraces. The static path (`QuantizedModel`) is used for th
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping, Optional, Sequence
+import functools
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -26,23 +27,85 @@ from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
 
 
-def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array) -> jax.Array:
-    """Uniform fake quantization of `x` at traced `bits` with (scale, zero) = table[bits]; bits 0: identity."""
+def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.Array:
+    """Uniform fake quantization of `x` at traced `bits` with (scale, zero) = table[bits]; bits 0: identity.
+
+    With `ste`, the gradient is 1 inside the representable range [(0 − z)s, (2^b − 1 − z)s] and 0 outside.
+    """
     safe = jnp.maximum(bits, 2)
     scale, zero = table[safe, 0], table[safe, 1]
     levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    q = (jnp.clip(jnp.round(x / scale) + zero, 0.0, levels) - zero) * scale
-    return jnp.where(bits > 0, q.astype(x.dtype), x)
+    q = ((jnp.clip(jnp.round(x / scale) + zero, 0.0, levels) - zero) * scale).astype(x.dtype)
+    if ste:
+        inside = (x >= (0.0 - zero) * scale) & (x <= (levels - zero) * scale)
+        q = jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))
+    return jnp.where(bits > 0, q, x)
 
 
-def log_sqrt2_dynamic(w: jax.Array, bits: jax.Array) -> jax.Array:
-    """log√2 fake quantization of softmax outputs w ∈ [0, 1] at traced `bits`; bits 0: identity."""
+def log_sqrt2_dynamic(w: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.Array:
+    """log√2 fake quantization of softmax outputs w ∈ [0, 1] at traced `bits`; bits 0: identity.
+
+    With `ste`, the gradient is 1 between the smallest nonzero level and 1, 0 elsewhere.
+    """
     safe = jnp.maximum(bits, 2)
     levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    code = jnp.round(-2.0 * jnp.log2(jnp.maximum(w, 1e-38)))
-    code = jnp.maximum(code, 0.0)
-    q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / 2.0), 0.0)
-    return jnp.where(bits > 0, q.astype(w.dtype), w)
+    code = jnp.maximum(jnp.round(-2.0 * jnp.log2(jnp.maximum(w, 1e-38))), 0.0)
+    q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / 2.0), 0.0).astype(w.dtype)
+    if ste:
+        inside = (w >= 2.0 ** (-levels / 2.0)) & (w <= 1.0)
+        q = jnp.where(inside, w + jax.lax.stop_gradient(q - w), jax.lax.stop_gradient(q))
+    return jnp.where(bits > 0, q, w)
+
+
+class DynamicBits(NamedTuple):
+    """Traced quantization state of a model run: bits per site (0: float) and the calibrated tables.
+
+    Attributes:
+      tables: {site: [MAX_BITS + 1, 2] (scale, zero_point)}.
+      site_bits: {site: int32 []}, the bits of each activation site.
+      softmax_bits: {attention path: int32 []}, the bits of each softmax output.
+    """
+
+    tables: dict[str, jax.Array]
+    site_bits: dict[str, jax.Array]
+    softmax_bits: dict[str, jax.Array]
+
+
+def dynamic_bits(act_params: ActivationParams, attention: Sequence[str],
+                 bits: Mapping[str, tuple[int, int]], attention_bits: Optional[Mapping[str, int]] = None) -> DynamicBits:
+    """`DynamicBits` for an assignment {path: (weight bits, act bits)}; sites not in it stay float."""
+    attention_bits = attention_bits or {}
+    site_bits = {s: np.int32(0) for s in act_params}
+    for path, (_, ab) in bits.items():
+        if path in site_bits:
+            site_bits[path] = np.int32(ab)
+    for path, b in attention_bits.items():
+        for s in "qkv":
+            site_bits[f"{path}/{s}"] = np.int32(b)
+    softmax_bits = {p: np.int32(attention_bits.get(p, 0)) for p in attention}
+    return DynamicBits({s: np.asarray(t) for s, t in act_params.items()}, site_bits, softmax_bits)
+
+
+def dynamic_interceptor(state: DynamicBits, *, ste: bool = False, on_input=None):
+    """Interceptor quantizing every site at its traced bits; `on_input(site, x)` runs first on each input."""
+
+    def on_site(site, x):
+        if on_input is not None:
+            x = on_input(site, x)
+        if site in state.site_bits:
+            x = fake_quant_dynamic(x, state.tables[site], state.site_bits[site], ste=ste)
+        return x
+
+    def on_softmax(path, weights):
+        return log_sqrt2_dynamic(weights, state.softmax_bits[path], ste=ste) if path in state.softmax_bits else weights
+
+    return site_interceptor(on_site, on_softmax=on_softmax)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kwargs"))
+def dynamic_apply(variables, state: DynamicBits, x, *, model: nn.Module, kwargs: tuple):
+    with nn.intercept_methods(dynamic_interceptor(state)):
+        return model.apply(variables, x, **dict(kwargs))
 
 
 @dataclasses.dataclass(eq=False)
@@ -65,26 +128,11 @@ class DynamicQuantizer:
     apply_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_grid: Optional[tuple[float, ...]] = None
     _kernels: dict[tuple[str, int], jax.Array] = dataclasses.field(default_factory=dict, repr=False)
-    _run: Any = dataclasses.field(default=None, repr=False)
 
     def __post_init__(self):
         self._flat = flatten_dict(dict(self.variables)["params"], sep="/")
         self._out_axes = {l.path: tuple(l.out_axes) for l in self.layers}
-        self._sites = sorted(self.act_params)
-        self._tables = {s: jnp.asarray(self.act_params[s]) for s in self._sites}
-
-        def run(params, site_bits, softmax_bits, x):
-            def on_site(site, value):
-                return fake_quant_dynamic(value, self._tables[site], site_bits[site]) if site in site_bits else value
-
-            def on_softmax(path, weights):
-                return log_sqrt2_dynamic(weights, softmax_bits[path])
-
-            interceptor = site_interceptor(on_site, on_softmax=on_softmax)
-            with nn.intercept_methods(interceptor):
-                return self.model.apply({**dict(self.variables), "params": params}, x, **self.apply_kwargs)
-
-        self._run = jax.jit(run)
+        self._kwargs = tuple(sorted(self.apply_kwargs.items()))
 
     def kernel(self, path: str, bits: int) -> jax.Array:
         """The kernel of layer `path` fake-quantized at `bits` (0: full precision), cached."""
@@ -112,13 +160,6 @@ class DynamicQuantizer:
         unknown = sorted(set(bits) - set(self._out_axes))
         if unknown:
             raise ValueError(f"unknown layer path(s) {unknown[:5]}")
-        attention_bits = attention_bits or {}
-        site_bits = {s: np.int32(0) for s in self._sites}
-        for path, (_, ab) in bits.items():
-            site_bits[path] = np.int32(ab)
-        for path, b in attention_bits.items():
-            for s in "qkv":
-                site_bits[f"{path}/{s}"] = np.int32(b)
-        softmax_bits = {p: np.int32(attention_bits.get(p, 0)) for p in self.attention}
-        params = self.params({p: wb for p, (wb, _) in bits.items()})
-        return self._run(params, site_bits, softmax_bits, x)
+        variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
+        state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
+        return dynamic_apply(variables, state, x, model=self.model, kwargs=self._kwargs)

@@ -18,6 +18,7 @@ for features. A user `log_likelihood(output [1, ...], target) -> scalar` covers 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -27,10 +28,10 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import check_images
+from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
-from lampq_jax.quant import UniformParams, fake_quant_log_sqrt2_ste, fake_quant_ste
 
 OUTPUT_KINDS = ("logits", "features")
 LogLikelihood = Callable[[jax.Array, jax.Array], jax.Array]
@@ -88,30 +89,35 @@ def _with_kernels(variables: Any, kernels: dict[str, jax.Array]) -> Any:
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
 
 
-def _perturbing_interceptor(perturbations: dict[str, jax.Array], quant: Optional[QuantPoint]):
-    """Adds perturbations[path] to each layer's input; at a quantized point, then fake-quantizes (STE)."""
-    site_bits = quant.spec.site_bits() if quant else {}
-    act_params = quant.act_params if quant else {}
-    attention_bits = dict(quant.spec.attention) if quant else {}
+def _adder(perturbations: dict[str, jax.Array]):
+    def add(site: str, x: jax.Array) -> jax.Array:
+        return x + perturbations[site].astype(x.dtype) if site in perturbations else x
 
-    def on_site(site, x):
-        if site in perturbations:
-            x = x + perturbations[site].astype(x.dtype)
-        bits = site_bits.get(site)
-        if bits is not None:
-            table = jnp.asarray(act_params[site])
-            x = fake_quant_ste(x, UniformParams(table[bits, 0], table[bits, 1]), bits)
-        return x
+    return add
 
-    def on_softmax(path, weights):
-        return fake_quant_log_sqrt2_ste(weights, attention_bits[path])
 
-    return site_interceptor(
-        on_site,
-        layer_paths=frozenset(perturbations) | frozenset(site_bits),
-        attention_paths=frozenset(attention_bits),
-        on_softmax=on_softmax if attention_bits else None,
-    )
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized"))
+def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits, *, model, kwargs, batch_size,
+                 likelihood, quantized):
+    """Mean per-sample squared gradient norms ({path: tr F^W}, {path: tr F^A}); compiled once per model."""
+
+    def forward(kernels, perturbations, x):
+        if quantized:
+            interceptor = dynamic_interceptor(state, ste=True, on_input=_adder(perturbations))
+        else:
+            interceptor = site_interceptor(_adder(perturbations), layer_paths=frozenset(perturbations),
+                                           attention_paths=frozenset())
+        with nn.intercept_methods(interceptor):
+            return model.apply(_with_kernels(variables, kernels), x, **dict(kwargs))
+
+    def per_sample(sample):
+        x, y = sample
+        g_w, g_a = jax.grad(lambda k, p: likelihood(forward(k, p, x[None]), y), argnums=(0, 1))(kernels, zeros)
+        sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
+        return sq(g_w), sq(g_a)
+
+    w, a = jax.lax.map(per_sample, (images, targets), batch_size=batch_size)
+    return {p: jnp.mean(v) for p, v in w.items()}, {p: jnp.mean(v) for p, v in a.items()}
 
 
 def fisher_traces(
@@ -154,13 +160,13 @@ def fisher_traces(
     paths = [l.path for l in layers]
     if quant is not None:
         variables = quant.variables
+        attention = sorted({site.rsplit("/", 1)[0] for site in quant.act_params if site.endswith("/q")})
+        state = dynamic_bits(quant.act_params, attention, quant.spec.bits, dict(quant.spec.attention))
+    else:
+        state = DynamicBits({}, {}, {})
     kernels = _kernels(variables, paths)
     zeros = {l.path: jnp.zeros((1,) + tuple(l.input_shape[1:]), jnp.float32) for l in layers}
-    interceptor = _perturbing_interceptor(zeros, quant)
-
-    def forward(kernels, perturbations, x):
-        with nn.intercept_methods(_perturbing_interceptor(perturbations, quant)):
-            return model.apply(_with_kernels(variables, kernels), x, **apply_kwargs)
+    kwargs = tuple(sorted(apply_kwargs.items()))
 
     if labels is not None:
         targets = jnp.asarray(labels)
@@ -169,27 +175,12 @@ def fisher_traces(
     else:
         if rng is None:
             raise ValueError("the true Fisher (labels=None) needs rng, a jax.random key")
-        with nn.intercept_methods(interceptor):
-            outputs = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))(variables, images)
+        outputs = dynamic_apply(variables, state, images, model=model, kwargs=kwargs)
         targets = sample_targets(outputs, rng, output)
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
-
-    def per_sample(sample):
-        x, y = sample
-
-        def loglik(kernels, perturbations):
-            return likelihood(forward(kernels, perturbations, x[None]), y)
-
-        g_w, g_a = jax.grad(loglik, argnums=(0, 1))(kernels, zeros)
-        sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
-        return sq(g_w), sq(g_a)
-
-    @jax.jit
-    def run(images, targets):
-        w, a = jax.lax.map(per_sample, (images, targets), batch_size=batch_size)
-        return {p: jnp.mean(v) for p, v in w.items()}, {p: jnp.mean(v) for p, v in a.items()}
-
-    weight, activation = jax.device_get(run(images, targets))
+    weight, activation = jax.device_get(_fisher_pass(
+        variables, kernels, zeros, images, targets, state, model=model, kwargs=kwargs,
+        batch_size=min(batch_size, images.shape[0]), likelihood=likelihood, quantized=quant is not None))
     return FisherTraces(
         weight={p: float(weight[p]) for p in paths},
         activation={p: float(activation[p]) for p in paths},

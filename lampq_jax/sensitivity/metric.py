@@ -12,6 +12,7 @@ Type-aware metric Ω_i(b) = α_{t(i)} · ΔL̂_i(b), with α_t from `alpha_by_ty
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from lampq_jax.apply.calibration import ActivationParams, batches
-from lampq_jax.apply.fake import QuantPoint, activation_interceptor
-from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
+from lampq_jax.apply.fake import QuantPoint
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
@@ -42,6 +43,23 @@ def weight_errors(variables: Any, layers: Sequence[Layer], candidates: Sequence[
     return np.stack(rows)
 
 
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "paths", "candidates"))
+def _batch_activation_errors(variables, tables, state: DynamicBits, batch, *, model, kwargs, paths, candidates):
+    """{path: [candidates] Σ_n ‖Q_b(A_{i,n}) − A_{i,n}‖²} over one batch; compiled once per model."""
+    found = {}
+
+    def record(site, x):
+        if site in paths:
+            errs = [jnp.sum(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x)
+                            .astype(jnp.float32)) for b in candidates]
+            found[site] = jnp.stack(errs)
+        return x
+
+    with nn.intercept_methods(dynamic_interceptor(state, on_input=record)):
+        model.apply(variables, batch, **dict(kwargs))
+    return found
+
+
 def activation_errors(
     model: nn.Module,
     variables: Any,
@@ -58,36 +76,23 @@ def activation_errors(
 
     With `quant` (a `QuantPoint`), the inputs A_{i,n} are those of the quantized model.
     """
-    paths = [l.path for l in layers]
+    paths = tuple(l.path for l in layers)
     missing = [p for p in paths if p not in act_params]
     if missing:
         raise ValueError(f"no calibrated activation range for layer(s) {missing[:5]}")
-    run_vars = quant.variables if quant else variables
-
-    @jax.jit
-    def batch_errors(variables, batch):
-        found = {}
-
-        def on_site(site, x):
-            table = jnp.asarray(act_params[site])
-            errs = []
-            for b in candidates:
-                xq = fake_quant(x, UniformParams(table[b, 0], table[b, 1]), b)
-                errs.append(jnp.sum(jnp.square(xq - x).astype(jnp.float32)))
-            found[site] = jnp.stack(errs)
-            return x
-
-        with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(paths), attention_paths=frozenset())):
-            if quant:
-                with nn.intercept_methods(activation_interceptor(quant.spec, quant.act_params)):
-                    model.apply(variables, batch, **apply_kwargs)
-            else:
-                model.apply(variables, batch, **apply_kwargs)
-        return found
-
+    if quant is not None:
+        attention = sorted({s.rsplit("/", 1)[0] for s in quant.act_params if s.endswith("/q")})
+        state = dynamic_bits(quant.act_params, attention, quant.spec.bits, dict(quant.spec.attention))
+        variables = quant.variables
+    else:
+        state = DynamicBits({}, {}, {})
+    tables = {p: np.asarray(act_params[p]) for p in paths}
     total = {p: np.zeros(len(candidates)) for p in paths}
     for batch in batches(images, batch_size):
-        for site, errs in jax.device_get(batch_errors(run_vars, batch)).items():
+        found = _batch_activation_errors(variables, tables, state, batch, model=model,
+                                         kwargs=tuple(sorted(apply_kwargs.items())), paths=paths,
+                                         candidates=tuple(candidates))
+        for site, errs in jax.device_get(found).items():
             total[site] += errs
     return np.stack([total[p] / images.shape[0] for p in paths])
 
@@ -144,6 +149,12 @@ def alpha_by_type(
             measured = sum(max(measured_low[i], 0.0) for i in probed)
             alpha[t] = max(measured, floor) / max(float(np.sum(predicted_low[probed])), floor)
     return alpha
+
+
+def random_costs(num_layers: int, candidates: Sequence[int], seed: int) -> np.ndarray:
+    """[layers, candidates] costs −u_i · b with u_i ~ U(0, 1): the ILP then spends the budget at random."""
+    u = np.random.default_rng(seed).uniform(size=(num_layers, 1))
+    return -u * np.asarray(candidates, np.float64)[None, :]
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float:
