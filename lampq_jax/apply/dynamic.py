@@ -24,37 +24,8 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.fake import quantize_kernel
 from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.quant.traced import fake_quant_dynamic, softmax_dynamic
 from lampq_jax.layers.discovery import Layer
-
-
-def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.Array:
-    """Uniform fake quantization of `x` at traced `bits` with (scale, zero) = table[bits]; bits 0: identity.
-
-    With `ste`, the gradient is 1 inside the representable range [(0 − z)s, (2^b − 1 − z)s] and 0 outside.
-    """
-    safe = jnp.maximum(bits, 2)
-    scale, zero = table[safe, 0], table[safe, 1]
-    levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    q = ((jnp.clip(jnp.round(x / scale) + zero, 0.0, levels) - zero) * scale).astype(x.dtype)
-    if ste:
-        inside = (x >= (0.0 - zero) * scale) & (x <= (levels - zero) * scale)
-        q = jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))
-    return jnp.where(bits > 0, q, x)
-
-
-def log_sqrt2_dynamic(w: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.Array:
-    """log√2 fake quantization of softmax outputs w ∈ [0, 1] at traced `bits`; bits 0: identity.
-
-    With `ste`, the gradient is 1 between the smallest nonzero level and 1, 0 elsewhere.
-    """
-    safe = jnp.maximum(bits, 2)
-    levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    code = jnp.maximum(jnp.round(-2.0 * jnp.log2(jnp.maximum(w, 1e-38))), 0.0)
-    q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / 2.0), 0.0).astype(w.dtype)
-    if ste:
-        inside = (w >= 2.0 ** (-levels / 2.0)) & (w <= 1.0)
-        q = jnp.where(inside, w + jax.lax.stop_gradient(q - w), jax.lax.stop_gradient(q))
-    return jnp.where(bits > 0, q, w)
 
 
 class DynamicBits(NamedTuple):
@@ -97,7 +68,7 @@ def dynamic_interceptor(state: DynamicBits, *, ste: bool = False, on_input=None)
         return x
 
     def on_softmax(path, weights):
-        return log_sqrt2_dynamic(weights, state.softmax_bits[path], ste=ste) if path in state.softmax_bits else weights
+        return softmax_dynamic(weights, state.softmax_bits[path], ste=ste) if path in state.softmax_bits else weights
 
     return site_interceptor(on_site, on_softmax=on_softmax)
 

@@ -5,7 +5,7 @@
     layers:    (path, weight bits, activation bits) per layer; weights per output channel with a
                clipping search, the layer's input per tensor with calibrated ranges
     attention: (path, bits) per nn.MultiHeadDotProductAttention; q, k, v uniform per tensor,
-               the softmax output log√2 on [0, 1]
+               the softmax output log√2 on [0, 1] (uniform from `SOFTMAX_UNIFORM_FROM_BITS`)
 
 Weights are fake-quantized once (`fake_quantize_params`) and the interceptor quantizes only
 activations. For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
@@ -32,12 +32,11 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
+from lampq_jax.quant.traced import softmax_dynamic
 from lampq_jax.quant import (
     UniformParams,
     check_bits,
     fake_quant,
-    fake_quant_log_sqrt2,
-    fake_quant_log_sqrt2_ste,
     fake_quant_ste,
     search_clipping_params,
     weight_reduce_axes,
@@ -145,7 +144,6 @@ def activation_interceptor(spec: QuantSpec, act_params: ActivationParams, *, ste
     if missing:
         raise ValueError(f"no calibrated activation range for site(s) {missing[:5]}; calibrate them first")
     uniform = fake_quant_ste if ste else fake_quant
-    log_sqrt2 = fake_quant_log_sqrt2_ste if ste else fake_quant_log_sqrt2
     attention_bits = dict(spec.attention)
 
     def on_site(site: str, x: jax.Array) -> jax.Array:
@@ -155,7 +153,7 @@ def activation_interceptor(spec: QuantSpec, act_params: ActivationParams, *, ste
         return uniform(x, _params_at(jnp.asarray(act_params[site]), bits), bits)
 
     def on_softmax(path: str, weights: jax.Array) -> jax.Array:
-        return log_sqrt2(weights, attention_bits[path])
+        return softmax_dynamic(weights, jnp.int32(attention_bits[path]), ste=ste)
 
     return site_interceptor(
         on_site,

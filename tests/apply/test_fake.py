@@ -112,3 +112,29 @@ def test_vmap_and_grad_through_quantized_apply(tiny_setup, calibrated):
     with nn.intercept_methods(activation_interceptor(spec, act_params)):
         reference = model.apply(qvars, images[:4])
     np.testing.assert_allclose(batched, reference, atol=1e-5)
+
+
+def test_eight_bits_stays_within_two_percent_on_the_trained_vit():
+    from lampq_jax.data.embedded import load_embedded_model, load_embedded_subset
+
+    model, variables, _ = load_embedded_model()
+    data = load_embedded_subset()
+    images = data["val_images"][:256]
+    fp = model.apply(variables, images, train=False)
+    result = lampq_jax.quantize_uniform(model, variables, data["calib_images"][:32], 8, train=False)
+    assert rel_err(result.apply(images), fp) < 0.02
+
+
+def test_softmax_quantizer_log_sqrt2_below_threshold_uniform_above():
+    from lampq_jax.quant.traced import SOFTMAX_UNIFORM_FROM_BITS, softmax_dynamic
+
+    w = jnp.array([1.0, 2 ** -0.5, 0.5, 2 ** -1.5, 0.3, 0.0])
+    low = softmax_dynamic(w, jnp.int32(4))
+    np.testing.assert_allclose(low[:4], w[:4], rtol=1e-6)  # exact on powers of √2
+    assert float(low[4]) == pytest.approx(2 ** -1.5, rel=1e-6) and float(low[5]) == 0.0
+    high = softmax_dynamic(w, jnp.int32(SOFTMAX_UNIFORM_FROM_BITS))
+    levels = 2 ** SOFTMAX_UNIFORM_FROM_BITS - 1
+    np.testing.assert_allclose(high, np.round(np.asarray(w) * levels) / levels, rtol=1e-6)
+    np.testing.assert_array_equal(softmax_dynamic(w, jnp.int32(0)), w)
+    grad = jax.grad(lambda v: softmax_dynamic(v, jnp.int32(4), ste=True).sum())(w)
+    np.testing.assert_array_equal(grad, [1, 1, 1, 1, 1, 0])
