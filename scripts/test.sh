@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch/torchvision pinned to the CPU-usable pair the converter tests were checked with.
-.venv/bin/python -m pip install -q -e '.[test,convert,bench,plot]' 'torch==2.14.1' 'torchvision==0.29.1'
+.venv/bin/python -m pip install -q -e '.[test,convert,bench,plot,deploy]' 'torch==2.14.1' 'torchvision==0.29.1'
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?
