@@ -26,6 +26,7 @@ class LampQConfig:
       split_qkv: give q, k and v their own bit-widths instead of one for the three.
       alpha: type-aware scale α_t: 'probe' (I2), 'mean', or 'none' (HAWQ-style, no I2).
       probes: P, layers (groups) probed per type for α = 'probe'.
+      probe_bits: bit-width of the single-layer probes and of the metric check (None: the lowest candidate).
       iterations: K, rounds of iterative bit updates (I3); 0 turns them off.
       damping: weight of the previous metric: Ω^(k) = d Ω^(k−1) + (1 − d) Ω_new.
       separate_weight_act_bits: allocate weight and activation bits separately.
@@ -51,6 +52,7 @@ class LampQConfig:
     split_qkv: bool = False
     alpha: str = "probe"
     probes: int = 4
+    probe_bits: Optional[int] = None
     iterations: int = 3
     damping: float = 0.5
     separate_weight_act_bits: bool = False
@@ -93,6 +95,8 @@ class LampQConfig:
         if self.metric != "fisher" and self.iterations:
             raise ValueError(f"metric={self.metric!r} has no iterative updates; set iterations=0 "
                              f"(got {self.iterations})")
+        if self.probe_bits is not None and self.probe_bits not in self.candidates:
+            raise ValueError(f"probe_bits={self.probe_bits} is not one of the candidates {self.candidates}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
         if not 0.0 <= self.damping < 1.0:

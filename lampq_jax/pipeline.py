@@ -250,8 +250,9 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
         units.setdefault(l.group, []).append(j)
     unit_keys = list(units)
     unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
-    predicted_low = np.array([(w_term[u, 0] + a_term[u, 0]).sum() for u in units.values()])
-    b_low = config.candidates[0]
+    b_low = config.probe_bits or config.candidates[0]
+    col = config.candidates.index(b_low)
+    predicted_low = np.array([(w_term[u, col] + a_term[u, col]).sum() for u in units.values()])
     to_measure: set[int] = set()
     if config.alpha == "probe":
         for t in set(unit_types):
