@@ -8,7 +8,7 @@ validation split (2,000) are drawn from them. Writes, into --out (default: the p
     fmnist_subset.npz    uint8 calib/val (held-out train) and test (2,000) images with labels
 
 Usage:
-    python scripts/train_fmnist.py --epochs 12 --batch-size 128 --lr 1e-3 --seed 0
+    python scripts/train_fmnist.py --epochs 12 --batch-size 128 --lr 2e-3 --seed 0   # the shipped model
     python scripts/train_fmnist.py --epochs 1 --max-steps 50 --out /tmp/fmnist   # timing run
 """
 
@@ -39,19 +39,19 @@ def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--epochs", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate of AdamW")
+    p.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of AdamW")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=ASSETS)
-    p.add_argument("--variant", default="Ti/4")
+    p.add_argument("--variant", default="Ti/7")
     p.add_argument("--hidden-size", type=int, default=128)
     p.add_argument("--num-layers", type=int, default=6)
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--mlp-dim", type=int, default=256)
-    p.add_argument("--patch", type=int, default=4)
-    p.add_argument("--pad", type=int, default=2, help="random-crop padding in pixels (0: no crop)")
+    p.add_argument("--patch", type=int, default=7)
+    p.add_argument("--pad", type=int, default=0, help="random-crop padding in pixels (0: no crop)")
     p.add_argument("--no-flip", action="store_true", help="disable random horizontal flips")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (timing runs)")
     p.add_argument("--eval-batch", type=int, default=1000)
@@ -146,6 +146,56 @@ def main() -> None:
         )
         return float(np.mean(preds == y))
 
+    # Calibration and validation from the held-out training images; a fixed test subset.
+    sub_rng = np.random.default_rng(1234)
+    hold_perm = sub_rng.permutation(HOLDOUT)
+    calib_idx = np.sort(hold_perm[:N_CALIB])
+    val_idx = np.sort(hold_perm[N_CALIB : N_CALIB + N_VAL])
+    test_idx = np.sort(sub_rng.permutation(len(test_x))[:N_TEST_SUBSET])
+
+    def save(params, test_acc: float, epochs_completed: int, seconds: float) -> None:
+        """Writes checkpoint, config and subset (after every epoch, so a stopped run leaves a usable model)."""
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "fmnist_vit.msgpack").write_bytes(flax.serialization.to_bytes({"params": jax.device_get(params)}))
+        config = {
+            "variant": args.variant,
+            "num_classes": 10,
+            "overrides": overrides,
+            "image_shape": [28, 28, 1],
+            "normalization": {"mean": MEAN, "std": STD},
+            "test_accuracy": test_acc,
+            "num_parameters": n_params,
+            "train": {
+                "epochs": args.epochs,
+                "batch": args.batch_size,
+                "lr": args.lr,
+                "seed": args.seed,
+                "epochs_completed": epochs_completed,
+                "seconds": round(seconds, 1),
+                "weight_decay": args.weight_decay,
+                "label_smoothing": args.label_smoothing,
+                "warmup_epochs": args.warmup_epochs,
+                "augmentation": {"crop_pad": args.pad, "hflip": flip},
+                "train_images": f"train[:{len(fit_x)}]",
+                "held_out": f"train[{len(fit_x)}:]",
+            },
+            "class_names": list(CLASS_NAMES),
+        }
+        (args.out / "fmnist_vit.json").write_text(json.dumps(config, indent=2) + "\n")
+
+        np.savez_compressed(
+            args.out / "fmnist_subset.npz",
+            calib_images=hold_x[calib_idx],
+            calib_labels=hold_y[calib_idx].astype(np.uint8),
+            val_images=hold_x[val_idx],
+            val_labels=hold_y[val_idx].astype(np.uint8),
+            test_images=test_x[test_idx],
+            test_labels=test_y[test_idx].astype(np.uint8),
+            calib_indices=(len(fit_x) + calib_idx).astype(np.int32),
+            val_indices=(len(fit_x) + val_idx).astype(np.int32),
+            test_indices=test_idx.astype(np.int32),
+        )
+
     np_rng = np.random.default_rng(args.seed)
     step = 0
     t_train = time.time()
@@ -183,55 +233,10 @@ def main() -> None:
             f"elapsed {time.time() - t_train:.0f}s",
             flush=True,
         )
+        save(params, test_acc, epoch + 1, time.time() - t_train)
         if args.max_steps and step >= args.max_steps:
             break
     seconds = time.time() - t_train
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fmnist_vit.msgpack").write_bytes(flax.serialization.to_bytes({"params": jax.device_get(params)}))
-    config = {
-        "variant": args.variant,
-        "num_classes": 10,
-        "overrides": overrides,
-        "image_shape": [28, 28, 1],
-        "normalization": {"mean": MEAN, "std": STD},
-        "test_accuracy": test_acc,
-        "num_parameters": n_params,
-        "train": {
-            "epochs": args.epochs,
-            "batch": args.batch_size,
-            "lr": args.lr,
-            "seed": args.seed,
-            "seconds": round(seconds, 1),
-            "weight_decay": args.weight_decay,
-            "label_smoothing": args.label_smoothing,
-            "warmup_epochs": args.warmup_epochs,
-            "augmentation": {"crop_pad": args.pad, "hflip": flip},
-            "train_images": f"train[:{len(fit_x)}]",
-            "held_out": f"train[{len(fit_x)}:]",
-        },
-        "class_names": list(CLASS_NAMES),
-    }
-    (args.out / "fmnist_vit.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    # Calibration and validation from the held-out training images; a fixed test subset.
-    sub_rng = np.random.default_rng(1234)
-    hold_perm = sub_rng.permutation(HOLDOUT)
-    calib_idx = np.sort(hold_perm[:N_CALIB])
-    val_idx = np.sort(hold_perm[N_CALIB : N_CALIB + N_VAL])
-    test_idx = np.sort(sub_rng.permutation(len(test_x))[:N_TEST_SUBSET])
-    np.savez_compressed(
-        args.out / "fmnist_subset.npz",
-        calib_images=hold_x[calib_idx],
-        calib_labels=hold_y[calib_idx].astype(np.uint8),
-        val_images=hold_x[val_idx],
-        val_labels=hold_y[val_idx].astype(np.uint8),
-        test_images=test_x[test_idx],
-        test_labels=test_y[test_idx].astype(np.uint8),
-        calib_indices=(len(fit_x) + calib_idx).astype(np.int32),
-        val_indices=(len(fit_x) + val_idx).astype(np.int32),
-        test_indices=test_idx.astype(np.int32),
-    )
     subset_acc = accuracy(params, test_x[test_idx], test_y[test_idx])
     print(
         f"done: test acc (10k) {test_acc:.4f}, test subset (2k) {subset_acc:.4f}, "
