@@ -7,5 +7,5 @@ from lampq_jax.models import create_vit
 from lampq_jax.pipeline import quantize_uniform
 from lampq_jax.result import QuantizationResult, load_result
 from lampq_jax.config import LampQConfig
-from lampq_jax.pipeline import quantize
+from lampq_jax.pipeline import metric_check, quantize
 from lampq_jax.baselines import baseline_config, quantize_random

@@ -240,6 +240,11 @@ def _assignment(items: _Items, layers: Sequence[Layer], choice: np.ndarray) -> d
             for mem, c in zip(items.members, choice) for i in mem}
 
 
+def _omega_rows(layers, omega_w, omega_a, cands) -> dict[str, list[float]]:
+    """{path: [Ω_i(b) for b in candidates]} (tied W/A bits) of one round, for the history."""
+    return {l.path: [float(omega_w[j, c] + omega_a[j, c]) for c in range(len(cands))] for j, l in enumerate(layers)}
+
+
 def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone):
     """α per type from single-unit probes (units: layer groups), and the metric check's Spearman figures.
 
@@ -395,7 +400,8 @@ def quantize(
     assignment = _assignment(items, alloc_layers, solution.choice)
     with timer("evaluate"):
         j_value = measure({**assignment, **fixed_bits}, attention_bits) - j_fp
-    history.append({"round": 0, "bits": assignment, "J": j_value, "ilp_status": solution.status,
+    history.append({"round": 0, "bits": assignment, "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
+                    "J": j_value, "ilp_status": solution.status,
                     "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
                     "ilp_seconds": solution.solve_seconds})
     bar.update()
@@ -417,7 +423,8 @@ def quantize(
             solution = solve(omega_w, omega_a)
             new_assignment = _assignment(items, alloc_layers, solution.choice)
             j_value = measure({**new_assignment, **fixed_bits}, attention_bits) - j_fp
-        history.append({"round": k, "bits": new_assignment, "J": j_value, "ilp_status": solution.status,
+        history.append({"round": k, "bits": new_assignment, "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
+                        "J": j_value, "ilp_status": solution.status,
                         "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
                         "seconds": time.perf_counter() - start})
         bar.update()
@@ -448,3 +455,24 @@ def quantize(
         "probes": {unit_keys[k]: v for k, v in measured.items()},
     }
     return _finish(model, variables, prep, final_bits, attention_bits, "lampq", extra, timer, apply_kwargs)
+
+
+def metric_check(
+    model: nn.Module,
+    variables: Any,
+    calib_images: Any,
+    *,
+    labels: Optional[Any] = None,
+    objective: Optional[Any] = None,
+    config: LampQConfig = LampQConfig(),
+    **apply_kwargs: Any,
+) -> dict[str, float]:
+    """Spearman rank correlation, over all layer groups, between Ω_i at the probe bits and the measured
+    increase of the calibration objective when group i alone is quantized, for α = none, mean and probe.
+
+    Runs the sensitivity stages of `quantize` (no iterations) and returns {mode: r}.
+    """
+    config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher")
+    result = quantize(model, variables, calib_images, budget=float(max(config.candidates)), labels=labels,
+                      objective=objective, config=config, **apply_kwargs)
+    return dict(result.report["spearman"])

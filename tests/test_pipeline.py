@@ -98,3 +98,12 @@ def test_module_granularity_fixed_layers_and_bops(tiny_setup):
     with pytest.raises(ValueError, match="no/such"):
         lampq_jax.quantize(model, variables, images[:8], budget=4.0,
                            config=LampQConfig(progress=False, fixed_layers=(("no/such", 4),)))
+
+
+def test_metric_check_and_history(tiny_setup, lampq_result):
+    model, variables, images = tiny_setup
+    figures = lampq_jax.metric_check(model, variables, images, config=LampQConfig(progress=False, probes=2))
+    assert set(figures) == {"none", "mean", "probe"} and all(-1.0 <= r <= 1.0 for r in figures.values())
+    assert figures == pytest.approx(lampq_result.report["spearman"])  # same seed, same stages
+    first = lampq_result.report["history"][0]
+    assert set(first["omega"]) == set(first["bits"]) and len(next(iter(first["omega"].values()))) == 6
