@@ -108,16 +108,23 @@ def main() -> None:
         s = summary.get(budget, {})
         return a in s and b in s and s[a][0] > s[b][0]
 
+    def margin(a, b, budget):
+        s = summary[budget]
+        delta, spread = s[a][0] - s[b][0], max(s[a][1], s[b][1])
+        return f"{delta:+.2f} points, seeds' std {spread:.2f}" + ("" if abs(delta) > spread else ", within the spread")
+
     goals = []
     for b in ("3", "4"):
         for other in ("uniform", "hawq", "vtptq"):
-            goals.append((f"LampQ above {other} at {b} bits", beats("lampq", other, b)))
+            goals.append((f"LampQ above {other} at {b} bits ({margin('lampq', other, b)})",
+                          beats("lampq", other, b)))
     if "6" in summary:
         s = summary["6"]
         goals.append(("LampQ not below uniform at 6 bits (within the seeds' spread)",
                       s["lampq"][0] >= s["uniform"][0] - max(s["lampq"][1], s["uniform"][1])))
     for ablation, idea in (("no_i1", "I1"), ("no_i2", "I2"), ("no_i3", "I3")):
-        goals.append((f"{idea} adds accuracy (LampQ above {ablation}) at 3 and 4 bits",
+        goals.append((f"{idea} adds accuracy (LampQ above {ablation}) at 3 and 4 bits "
+                      f"(3: {margin('lampq', ablation, '3')}; 4: {margin('lampq', ablation, '4')})",
                       all(beats("lampq", ablation, b) for b in ("3", "4"))))
     lines += ["", "Goals:", ""] + [f"- {g}: {'met' if ok else '**not met**'}" for g, ok in goals]
     lines += ["", "Metric check (Spearman of Ω at 2 bits against the measured loss increase of each layer alone, "
