@@ -12,8 +12,6 @@ import argparse
 import sys
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from common import interleaved_medians, write_json, write_section
 

@@ -10,7 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -175,7 +175,7 @@ def load_model(args: argparse.Namespace):
     """(model, variables) from a Scenic-layout checkpoint (+ model config) or the converters."""
     import flax.serialization
 
-    from lampq_jax.models import ViT, create_vit
+    from lampq_jax.models import create_vit
     from lampq_jax.models import convert
 
     ckpt = Path(args.checkpoint)
@@ -208,8 +208,6 @@ def load_model(args: argparse.Namespace):
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
-    import jax.numpy as jnp
-
     import lampq_jax
 
     images, labels = load_calibration(args.calib)

@@ -1,5 +1,4 @@
 import jax
-import jax.numpy as jnp
 import pytest
 
 from lampq_jax import create_vit

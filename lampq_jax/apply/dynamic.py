@@ -17,7 +17,6 @@ from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 

@@ -121,16 +121,29 @@ def quantize_kernel(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], *, 
     return (fake_quant_ste if ste else fake_quant)(kernel, params, bits)
 
 
+def layer_kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:
+    """{path: kernel} of the layers at `paths`; a path without 'params/<path>/kernel' is an error naming it."""
+    flat = flatten_dict(dict(variables)["params"], sep="/")
+    missing = [p for p in paths if f"{p}/kernel" not in flat]
+    if missing:
+        raise ValueError(f"layer path(s) {missing[:5]} have no kernel in the variables (looked for 'params/<path>/kernel')")
+    return {p: flat[f"{p}/kernel"] for p in paths}
+
+
+def with_kernels(variables: Any, kernels: Mapping[str, jax.Array]) -> Any:
+    """`variables` with the kernels of `kernels` {path: kernel} replaced (everything else unchanged)."""
+    flat = flatten_dict(dict(variables)["params"], sep="/")
+    flat.update({f"{p}/kernel": k for p, k in kernels.items()})
+    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
+
+
 def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpec, *, ste: bool = False) -> Any:
     """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged)."""
     out_axes = {l.path: l.out_axes for l in layers}
-    flat = flatten_dict(dict(variables)["params"], sep="/")
-    for path, wb, _ in spec.layers:
-        key = f"{path}/kernel"
-        if key not in flat:
-            raise ValueError(f"layer {path!r} has no kernel in the variables (looked for 'params/{key}')")
-        flat[key] = quantize_kernel(flat[key], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste)
-    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
+    kernels = layer_kernels(variables, [path for path, _, _ in spec.layers])
+    quantized = {path: quantize_kernel(kernels[path], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste)
+                 for path, wb, _ in spec.layers}
+    return with_kernels(variables, quantized)
 
 
 def _params_at(table: jax.Array, bits: int) -> UniformParams:

@@ -24,12 +24,10 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
-from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import check_images
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dynamic_interceptor
-from lampq_jax.apply.fake import QuantPoint
+from lampq_jax.apply.fake import QuantPoint, layer_kernels, with_kernels
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
 
@@ -75,20 +73,6 @@ def sample_targets(outputs: jax.Array, rng: jax.Array, kind: str) -> jax.Array:
     return outputs + jax.random.normal(rng, outputs.shape, outputs.dtype)
 
 
-def _kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:
-    flat = flatten_dict(dict(variables)["params"], sep="/")
-    missing = [p for p in paths if f"{p}/kernel" not in flat]
-    if missing:
-        raise ValueError(f"layer path(s) {missing[:5]} have no kernel in the variables")
-    return {p: flat[f"{p}/kernel"] for p in paths}
-
-
-def _with_kernels(variables: Any, kernels: dict[str, jax.Array]) -> Any:
-    flat = flatten_dict(dict(variables)["params"], sep="/")
-    flat.update({f"{p}/kernel": k for p, k in kernels.items()})
-    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
-
-
 def _adder(perturbations: dict[str, jax.Array]):
     def add(site: str, x: jax.Array) -> jax.Array:
         return x + perturbations[site].astype(x.dtype) if site in perturbations else x
@@ -108,7 +92,7 @@ def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits,
             interceptor = site_interceptor(_adder(perturbations), layer_paths=frozenset(perturbations),
                                            attention_paths=frozenset())
         with nn.intercept_methods(interceptor):
-            return model.apply(_with_kernels(variables, kernels), x, **dict(kwargs))
+            return model.apply(with_kernels(variables, kernels), x, **dict(kwargs))
 
     def per_sample(sample):
         x, y = sample
@@ -164,7 +148,7 @@ def fisher_traces(
         state = dynamic_bits(quant.act_params, attention, quant.spec.bits, dict(quant.spec.attention))
     else:
         state = DynamicBits({}, {}, {})
-    kernels = _kernels(variables, paths)
+    kernels = layer_kernels(variables, paths)
     zeros = {l.path: jnp.zeros((1,) + tuple(l.input_shape[1:]), jnp.float32) for l in layers}
     kwargs = tuple(sorted(apply_kwargs.items()))
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from lampq_jax.apply.calibration import ActivationParams, batches
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
-from lampq_jax.apply.fake import QuantPoint
+from lampq_jax.apply.fake import QuantPoint, layer_kernels
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
@@ -32,12 +32,10 @@ ALPHA_MODES = ("probe", "mean", "none")
 
 def weight_errors(variables: Any, layers: Sequence[Layer], candidates: Sequence[int]) -> np.ndarray:
     """[layers, candidates] ‖Q_b(W_i) − W_i‖², per output channel with the clipping search."""
-    from flax.traverse_util import flatten_dict
-
-    flat = flatten_dict(dict(variables)["params"], sep="/")
+    kernels = layer_kernels(variables, [l.path for l in layers])
     rows = []
     for layer in layers:
-        kernel = flat[f"{layer.path}/kernel"]
+        kernel = kernels[layer.path]
         axes = weight_reduce_axes(kernel.ndim, layer.out_axes)
         rows.append(np.asarray(quant_errors(kernel, tuple(candidates), reduce_axes=axes)))
     return np.stack(rows)

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lampq_jax.apply.calibration import ActivationParams, batches
-from lampq_jax.apply.fake import quantize_kernel
+from lampq_jax.apply.fake import layer_kernels, quantize_kernel
 from lampq_jax.layers.discovery import Layer, layer_kind, module_path
 from lampq_jax.quant import UniformParams, fake_quant
 
@@ -53,12 +53,8 @@ def vtptq_metric(
     if bad:
         raise ValueError(f"the VT-PTQ metric handles Dense / DenseGeneral layers only, not {bad[:5]}")
     wanted = {l.path: l for l in layers}
-    qkernels = {}
-    from flax.traverse_util import flatten_dict
-
-    flat = flatten_dict(dict(variables)["params"], sep="/")
-    for l in layers:
-        qkernels[l.path] = [quantize_kernel(flat[f"{l.path}/kernel"], b, tuple(l.out_axes)) for b in candidates]
+    kernels = layer_kernels(variables, list(wanted))
+    qkernels = {l.path: [quantize_kernel(kernels[l.path], b, tuple(l.out_axes)) for b in candidates] for l in layers}
 
     @jax.jit
     def batch_metric(variables, qkernels, batch):
