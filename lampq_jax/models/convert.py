@@ -188,6 +188,31 @@ _MHA = "MultiHeadDotProductAttention_0"
 _MLP = "MlpBlock_0"
 
 
+def _put_modules(out: dict[str, Any], prefix: str, parts: Mapping[str, Mapping[str, Any]]) -> None:
+    """out['<prefix><module>/<name>'] = value for every module's params."""
+    for module, params in parts.items():
+        for name, value in params.items():
+            out[f"{prefix}{module}/{name}"] = value
+
+
+def _put_top(out: dict[str, Any], flat: Mapping[str, Any], *, norm: str, pre_logits: Optional[str],
+             head: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+    """Adds encoder_norm, pre_logits and output_projection from torch keys '<prefix>.weight/.bias'.
+
+    Returns (representation_size, num_classes), None for a part that is absent.
+    """
+    _put_modules(out, "Transformer/", {"encoder_norm": _layer_norm(flat[f"{norm}.weight"], flat[f"{norm}.bias"])})
+    sizes = []
+    for prefix, module in ((pre_logits, "pre_logits"), (head, "output_projection")):
+        if prefix is None:
+            sizes.append(None)
+            continue
+        dense = _linear(flat[f"{prefix}.weight"], flat[f"{prefix}.bias"])
+        _put_modules(out, "", {module: dense})
+        sizes.append(dense["kernel"].shape[1])
+    return sizes[0], sizes[1]
+
+
 def _linear(weight: Any, bias: Optional[Any]) -> dict[str, np.ndarray]:
     """torch `Linear` (weight `[out, in]`) → flax `Dense` (kernel `[in, out]`)."""
     w = _to_numpy(weight)
@@ -478,21 +503,9 @@ def from_timm(
         if layer_scale:
             parts["LayerScale_0"] = {"scale": flat[f"{b}ls1.gamma"]}
             parts["LayerScale_1"] = {"scale": flat[f"{b}ls2.gamma"]}
-        for module, params in parts.items():
-            for name, value in params.items():
-                out[f"{s}{module}/{name}"] = value
-    for name, value in _layer_norm(flat["norm.weight"], flat["norm.bias"]).items():
-        out[f"Transformer/encoder_norm/{name}"] = value
-    representation_size = None
-    if pre_logits:
-        dense = _linear(flat["pre_logits.fc.weight"], flat["pre_logits.fc.bias"])
-        representation_size = dense["kernel"].shape[1]
-        out.update({f"pre_logits/{n}": v for n, v in dense.items()})
-    num_classes = None
-    if head:
-        dense = _linear(flat["head.weight"], flat["head.bias"])
-        num_classes = dense["kernel"].shape[1]
-        out.update({f"output_projection/{n}": v for n, v in dense.items()})
+        _put_modules(out, s, parts)
+    representation_size, num_classes = _put_top(
+        out, flat, norm="norm", pre_logits="pre_logits.fc" if pre_logits else None, head="head" if head else None)
 
     config = dict(
         num_classes=num_classes,
@@ -696,21 +709,10 @@ def from_huggingface(
         if layer_scale:
             parts["LayerScale_0"] = {"scale": flat[f"{b}layer_scale1.lambda1"]}
             parts["LayerScale_1"] = {"scale": flat[f"{b}layer_scale2.lambda1"]}
-        for module, params in parts.items():
-            for name, value in params.items():
-                out[f"{s}{module}/{name}"] = value
-    for name, value in _layer_norm(flat["layernorm.weight"], flat["layernorm.bias"]).items():
-        out[f"Transformer/encoder_norm/{name}"] = value
-    representation_size = None
-    if pooler:
-        dense = _linear(flat["pooler.dense.weight"], flat["pooler.dense.bias"])
-        representation_size = dense["kernel"].shape[1]
-        out.update({f"pre_logits/{n}": v for n, v in dense.items()})
-    num_classes = None
-    if classifier:
-        dense = _linear(flat["classifier.weight"], flat["classifier.bias"])
-        num_classes = dense["kernel"].shape[1]
-        out.update({f"output_projection/{n}": v for n, v in dense.items()})
+        _put_modules(out, s, parts)
+    representation_size, num_classes = _put_top(
+        out, flat, norm="layernorm", pre_logits="pooler.dense" if pooler else None,
+        head="classifier" if classifier else None)
 
     config_out = dict(
         num_classes=num_classes,
