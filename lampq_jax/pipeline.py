@@ -117,15 +117,15 @@ def quantize_uniform(
     prep = _prepare(model, variables, calib_images, calibration=calibration, batch_size=batch_size, timer=timer,
                     apply_kwargs=apply_kwargs)
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
-    return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, "uniform",
+    return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
                    {"bits": bits}, timer, apply_kwargs)
 
 
-def _finish(model, variables, prep, layer_bits, attention_bits, method, extra, timer, apply_kwargs):
+def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, method, extra, timer, apply_kwargs):
     spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
     with timer("quantize_weights"):
         quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs)
-    allocated = [l.path for l in prep.layers if l.type not in FIXED_TYPES_DEFAULT] or None
+    allocated = [l.path for l in prep.layers if l.type not in fixed_types] or None
     report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
     report["attention_bits"] = dict(attention_bits)
     return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds))
@@ -454,7 +454,8 @@ def quantize(
         "best_round": best[2], "history": history, "layers": layer_rows,
         "probes": {unit_keys[k]: v for k, v in measured.items()},
     }
-    return _finish(model, variables, prep, final_bits, attention_bits, "lampq", extra, timer, apply_kwargs)
+    return _finish(model, variables, prep, final_bits, attention_bits, config.fixed_types, "lampq", extra, timer,
+                   apply_kwargs)
 
 
 def metric_check(
