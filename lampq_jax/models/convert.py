@@ -55,6 +55,7 @@ __all__ = [
     "from_huggingface",
     "from_timm",
     "resize_pos_embedding",
+    "torch_bicubic_matrix",
     "unstack_scanned",
 ]
 
@@ -285,13 +286,15 @@ def resize_pos_embedding(
     The embedding is `[prefix tokens (cls, dist), grid rows * grid cols]` along the token axis;
     the grid part is reshaped to `[old_h, old_w, D]`, resized with `jax.image.resize` to
     `[new_h, new_w, D]` and flattened back; the prefix rows are kept as they are.
+    `method="torch_bicubic"` resizes as torch's `interpolate(mode="bicubic", align_corners=False)`
+    does (what DINOv2 / Hugging Face use; see `torch_bicubic_matrix`), without antialiasing.
 
     Args:
       posemb: `[1, T, D]` with `T = num_prefix_tokens + old_h * old_w`.
       new_grid: `(new_h, new_w)` patches, e.g. `(image_h // patch_h, image_w // patch_w)`.
       num_prefix_tokens: tokens before the grid (1 for `cls`, 2 with `dist`, 0 for "gap").
       old_grid: the grid of `posemb`; inferred as square when None.
-      method: `jax.image.resize` method ("bilinear", "bicubic", ...).
+      method: `jax.image.resize` method ("bilinear", "bicubic", ...) or "torch_bicubic".
       antialias: passed to `jax.image.resize` (matters only when shrinking).
 
     Returns:
@@ -321,9 +324,38 @@ def resize_pos_embedding(
     prefix, grid = posemb[:, :num_prefix_tokens], posemb[0, num_prefix_tokens:]
     dim = posemb.shape[-1]
     grid = grid.reshape(old_h, old_w, dim).astype(jnp.float32)
-    grid = jax.image.resize(grid, (new_h, new_w, dim), method=method, antialias=antialias)
+    if method == "torch_bicubic":
+        rows, cols = torch_bicubic_matrix(old_h, new_h), torch_bicubic_matrix(old_w, new_w)
+        grid = jnp.einsum("ih,jw,hwd->ijd", rows, cols, grid, precision=jax.lax.Precision.HIGHEST)
+    else:
+        grid = jax.image.resize(grid, (new_h, new_w, dim), method=method, antialias=antialias)
     grid = grid.reshape(1, new_h * new_w, dim).astype(posemb.dtype)
     return jnp.concatenate([prefix, grid], axis=1)
+
+
+def torch_bicubic_matrix(size_in: int, size_out: int, a: float = -0.75) -> np.ndarray:
+    """[size_out, size_in] matrix R with `R @ x` = torch's 1-D bicubic resize of x (align_corners=False).
+
+    Output i samples the input at u = (i + ½)·size_in / size_out − ½ with the cubic convolution
+    kernel of Keys (a = −0.75, torch's and ONNX's `cubic_coeff_a`) on the 4 taps ⌊u⌋ − 1 .. ⌊u⌋ + 2,
+    indices clamped to the border (edge replication); no antialiasing, also when shrinking.
+    """
+    if size_in < 1 or size_out < 1:
+        raise ValueError(f"sizes must be positive, got size_in={size_in}, size_out={size_out}")
+
+    def kernel(d: np.ndarray) -> np.ndarray:
+        d = np.abs(d)
+        near = ((a + 2) * d - (a + 3)) * d * d + 1
+        far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a
+        return np.where(d <= 1, near, np.where(d < 2, far, 0.0))
+
+    u = (np.arange(size_out, dtype=np.float64) + 0.5) * (size_in / size_out) - 0.5
+    base = np.floor(u)
+    matrix = np.zeros([size_out, size_in], np.float64)
+    for tap in range(-1, 3):
+        index = np.clip(base + tap, 0, size_in - 1).astype(np.int64)
+        np.add.at(matrix, (np.arange(size_out), index), kernel(u - (base + tap)))
+    return matrix.astype(np.float32)
 
 
 def _posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -> np.ndarray:

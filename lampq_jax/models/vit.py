@@ -180,6 +180,8 @@ class ViT(nn.Module):
       representation_size: width of the `pre_logits` Dense + tanh, or None for none.
       distillation_token: adds a `dist` token after `cls` (DeiT); only the `cls` output is used.
       layer_scale_init: LayerScale's initial value, or None for no LayerScale.
+      return_tokens: with `num_classes=None`, return every token after `encoder_norm`,
+        `[batch, tokens, width]` (dense tasks, DINOv2 features) instead of the pooled one.
     """
 
     num_classes: Optional[int]
@@ -196,6 +198,7 @@ class ViT(nn.Module):
     layer_scale_init: Optional[float] = None
     layer_norm_epsilon: float = 1e-6
     gelu_approximate: bool = True
+    return_tokens: bool = False
     dtype: Any = jnp.float32
 
     @nn.compact
@@ -203,12 +206,18 @@ class ViT(nn.Module):
         """Runs the model on `x: [batch, height, width, channels]` (NHWC).
 
         Returns:
-          `[batch, num_classes]` logits, or `[batch, width]` features when `num_classes` is None.
+          `[batch, num_classes]` logits, or `[batch, width]` features when `num_classes` is None,
+          or `[batch, tokens, width]` with `return_tokens`.
         """
         if x.ndim != 4:
             raise ValueError(f"ViT expects NHWC images of rank 4, got shape {x.shape}")
         if self.classifier not in ("token", "gap"):
             raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.return_tokens and (self.num_classes is not None or self.representation_size is not None):
+            raise ValueError(
+                f"return_tokens=True returns the encoder's tokens, so it needs num_classes=None and "
+                f"representation_size=None, got {self.num_classes} and {self.representation_size}"
+            )
         ph, pw = self.patch_size
         x = nn.Conv(
             self.hidden_size, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype, name="embedding"
@@ -232,6 +241,8 @@ class ViT(nn.Module):
             dtype=self.dtype,
             name="Transformer",
         )(x, train=train)
+        if self.return_tokens:
+            return x
         x = x[:, 0] if self.classifier == "token" else jnp.mean(x, axis=1)
         if self.representation_size is not None:
             x = jnp.tanh(nn.Dense(self.representation_size, dtype=self.dtype, name="pre_logits")(x))
