@@ -11,6 +11,14 @@ GRANULARITIES = ("layer", "module")
 BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
 
 
+def check_types(types: tuple[str, ...], name: str) -> tuple[str, ...]:
+    """Checks that every entry of `types` is a layer type; the error names the unknown ones."""
+    unknown = [t for t in types if t not in LAYER_TYPES]
+    if isinstance(types, str) or unknown:
+        raise ValueError(f"{name} must be a tuple of layer types from {LAYER_TYPES}, got {types!r}")
+    return tuple(types)
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LampQConfig:
     """Options of `lampq_jax.quantize`.
@@ -36,6 +44,10 @@ class LampQConfig:
       min_bits, max_bits: per-type bounds, e.g. (('fc2', 4),).
       attn_bits: bits of the attention matmul inputs (None: the budget rounded).
       calibration: activation range method: 'mse', 'percentile' or 'minmax'.
+      channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv and fc1,
+        post-GELU fc2); () quantizes every input per tensor.
+      equalize_qk: fold an exact per-channel rescaling into each attention's query / key projections so
+        that q and k share their channel ranges (`lampq_jax.apply.equalize`).
       fisher: 'auto' (empirical with labels, true otherwise), 'empirical' or 'true'.
       output: 'logits' or 'features' (likelihood of the true Fisher, default objective).
       batch_size: samples per vmapped chunk of the Fisher pass and per calibration batch.
@@ -63,6 +75,8 @@ class LampQConfig:
     max_bits: tuple[tuple[str, int], ...] = ()
     attn_bits: Optional[int] = None
     calibration: str = "mse"
+    channel_types: tuple[str, ...] = ("qkv", "fc1", "fc2")
+    equalize_qk: bool = False
     fisher: str = "auto"
     output: str = "logits"
     batch_size: int = 8
@@ -89,6 +103,7 @@ class LampQConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        check_types(self.channel_types, "channel_types")
         for name in ("probes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

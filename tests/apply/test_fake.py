@@ -125,16 +125,26 @@ def test_eight_bits_stays_within_two_percent_on_the_trained_vit():
     assert rel_err(result.apply(images), fp) < 0.02
 
 
-def test_softmax_quantizer_log_sqrt2_below_threshold_uniform_above():
-    from lampq_jax.quant.traced import SOFTMAX_UNIFORM_FROM_BITS, softmax_dynamic
+def test_softmax_quantizer_levels_follow_bits_and_keys():
+    from lampq_jax.quant.traced import SOFTMAX_FLOOR_FACTOR, softmax_dynamic, softmax_log_base
 
-    w = jnp.array([1.0, 2 ** -0.5, 0.5, 2 ** -1.5, 0.3, 0.0])
-    low = softmax_dynamic(w, jnp.int32(4))
-    np.testing.assert_allclose(low[:4], w[:4], rtol=1e-6)  # exact on powers of √2
-    assert float(low[4]) == pytest.approx(2 ** -1.5, rel=1e-6) and float(low[5]) == 0.0
-    high = softmax_dynamic(w, jnp.int32(SOFTMAX_UNIFORM_FROM_BITS))
-    levels = 2 ** SOFTMAX_UNIFORM_FROM_BITS - 1
-    np.testing.assert_allclose(high, np.round(np.asarray(w) * levels) / levels, rtol=1e-6)
+    keys = 257
+    rng = np.random.default_rng(0)
+    w = jax.nn.softmax(jnp.asarray(rng.normal(0, 2.0, [64, keys]), jnp.float32), axis=-1)
+    errors = []
+    for bits in range(2, 9):
+        k = float(softmax_log_base(bits, keys))
+        assert k == pytest.approx((2 ** bits - 1) / np.log2(SOFTMAX_FLOOR_FACTOR * keys), rel=1e-6)
+        q = np.asarray(softmax_dynamic(w, jnp.int32(bits)))
+        levels = 2.0 ** (-np.arange(2 ** bits) / k)
+        nearest = np.min(np.abs(q[q > 0][:, None] / levels[None, :] - 1.0), axis=1)
+        assert nearest.max() < 1e-5  # every nonzero output is a level 2^(−code/k)
+        assert (q[np.asarray(w) < 2.0 ** (-(2 ** bits - 0.5) / k)] == 0).all()  # below the floor: zero
+        errors.append(float(np.sum((q - np.asarray(w)) ** 2)))
+    assert all(a > b for a, b in zip(errors, errors[1:])), errors  # the error falls with every bit
+    # the mass that 8 bits keep: within 1 % of each row's sum
+    np.testing.assert_allclose(np.asarray(softmax_dynamic(w, jnp.int32(8))).sum(-1), 1.0, rtol=0.01)
     np.testing.assert_array_equal(softmax_dynamic(w, jnp.int32(0)), w)
-    grad = jax.grad(lambda v: softmax_dynamic(v, jnp.int32(4), ste=True).sum())(w)
-    np.testing.assert_array_equal(grad, [1, 1, 1, 1, 1, 0])
+    v = jnp.array([1.0, 0.5, 0.3, 0.0])
+    grad = jax.grad(lambda x: softmax_dynamic(x, jnp.int32(4), ste=True).sum())(v)
+    np.testing.assert_array_equal(grad, [1, 1, 1, 0])

@@ -1,8 +1,7 @@
 import numpy as np
 import pytest
 
-pytest.importorskip("skimage")
-from lampq_jax.data.photos import CALIBRATION_SOURCES, EVALUATION_SOURCES, photo_crops  # noqa: E402
+from lampq_jax.data.photos import CALIBRATION_SOURCES, EVALUATION_SOURCES, photo_crops
 
 
 def test_calibration_and_evaluation_photos_are_disjoint_and_crops_deterministic():

@@ -1,0 +1,94 @@
+"""Query/key equalization: an exact rescaling of the weights that evens out q and k channel ranges.
+
+The attention logits q·kᵀ = Σ_d q_d k_d do not change when channel d of q is multiplied by r_d and
+channel d of k divided by it. With
+
+    r_d = sqrt(max_n |k_{n,d}| / max_n |q_{n,d}|)        (over the calibration set; d = (head, dim))
+
+both q and k get the per-channel range sqrt(max|q_d| · max|k_d|), so a few outlier channels of k
+(DINOv2's keys reach 19 where the median channel stays near 3) no longer set the step of the
+per-tensor quantizer of every other channel. The scaling is folded into the `query` and `key`
+projections (kernel columns and bias), so the full-precision model is unchanged (up to float
+rounding), per-output-channel weight quantization is unaffected (each column is scaled as a whole),
+and the deployed model needs no extra operation: SmoothQuant's migration, applied between q and k.
+
+Off by default (`equalize_qk=False`): on the real DINOv2-S/14 (16 calibration / 16 held-out crops) it
+raises the class-token cosine of quantizing q and k alone at 4 bits from 0.904 to 0.934, yet uniform
+W4A4 as a whole falls from 0.790 to 0.780 and W8A8 from 0.997 to 0.995.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from lampq_jax.apply.calibration import batches
+from lampq_jax.apply.sites import site_interceptor
+
+# r_d is kept within [1 / MAX_RATIO, MAX_RATIO], so a channel that is silent in calibration is not blown up.
+MAX_RATIO = 100.0
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths"))
+def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
+    """{attention path: (max |q| [heads, head_dim], max |k| [heads, head_dim])} over one batch."""
+    found: dict[str, jax.Array] = {}
+
+    def on_site(site, x):
+        if site.endswith(("/q", "/k")):
+            found[site] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 2)))
+        return x
+
+    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(), attention_paths=attention_paths)):
+        model.apply(variables, batch, **dict(kwargs))
+    return found
+
+
+def query_key_ratios(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
+                     batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+    """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]."""
+    absmax: dict[str, np.ndarray] = {}
+    for batch in batches(images, batch_size):
+        found = _batch_absmax(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+                              attention_paths=frozenset(attention_paths))
+        for site, value in jax.device_get(found).items():
+            absmax[site] = np.maximum(absmax.get(site, 0.0), value)
+    ratios = {}
+    for path in attention_paths:
+        q, k = absmax[f"{path}/q"], absmax[f"{path}/k"]
+        ratio = np.sqrt(np.maximum(k, 1e-12) / np.maximum(q, 1e-12))
+        ratios[path] = np.clip(ratio, 1.0 / MAX_RATIO, MAX_RATIO).astype(np.float32)
+    return ratios
+
+
+def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
+    """`variables` with query kernel/bias × r and key kernel/bias ÷ r (kernels [dim, heads, head_dim])."""
+    flat = flatten_dict(dict(variables)["params"], sep="/")
+    for path, ratio in ratios.items():
+        for name, factor in (("query", ratio), ("key", 1.0 / ratio)):
+            for leaf in ("kernel", "bias"):
+                key = f"{path}/{name}/{leaf}"
+                if key in flat:
+                    value = flat[key]
+                    if tuple(value.shape[-2:]) != ratio.shape:
+                        raise ValueError(f"{key} has shape {tuple(value.shape)}, which does not end in the "
+                                         f"[heads, head_dim] = {ratio.shape} of its attention")
+                    flat[key] = (jnp.asarray(value, jnp.float32) * factor).astype(value.dtype)
+                elif leaf == "kernel":
+                    raise ValueError(f"attention {path!r} has no {name} kernel at 'params/{key}'")
+    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
+
+
+def equalize_query_key(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
+                       batch_size: int = 32, **apply_kwargs: Any) -> Any:
+    """The variables with every attention's query/key pair equalized on `images` (module docstring)."""
+    if not attention_paths:
+        return variables
+    ratios = query_key_ratios(model, variables, images, attention_paths, batch_size=batch_size, **apply_kwargs)
+    return fold_query_key_ratios(variables, ratios)

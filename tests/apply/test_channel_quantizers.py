@@ -1,0 +1,78 @@
+"""Per-channel activation quantizers, the token output, and quantization error on a 197-token ViT."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lampq_jax
+from lampq_jax.apply.calibration import CHANNEL_RANGE_FLOOR, calibrate_activations, channel_input_sites
+from lampq_jax.layers import find_layers
+
+
+@pytest.fixture(scope="module")
+def tiny_vit():
+    model = lampq_jax.create_vit("mu/8", None, num_layers=2, return_tokens=True)
+    images = jax.random.normal(jax.random.key(0), [6, 32, 32, 3])
+    variables = model.init(jax.random.key(1), images[:1], train=False)
+    return model, variables, np.asarray(images)
+
+
+def test_return_tokens_gives_every_token_and_checks_the_head():
+    model, variables, images = None, None, np.zeros([2, 32, 32, 3], np.float32)
+    pooled = lampq_jax.create_vit("mu/8", None, num_layers=1)
+    variables = pooled.init(jax.random.key(0), images, train=False)
+    tokens = pooled.clone(return_tokens=True).apply(variables, images, train=False)
+    assert tokens.shape == (2, 17, 32)
+    np.testing.assert_array_equal(tokens[:, 0], pooled.apply(variables, images, train=False))
+    with pytest.raises(ValueError, match="return_tokens=True .* num_classes=None"):
+        lampq_jax.create_vit("mu/8", 10, num_layers=1, return_tokens=True).init(jax.random.key(0), images)
+
+
+def test_channel_sites_get_per_channel_tables_that_cover_each_channel(tiny_vit):
+    model, variables, images = tiny_vit
+    layers = find_layers(model, variables, images[:1], train=False)
+    sites = channel_input_sites(layers, ("qkv", "fc1", "fc2"))
+    by_type = {l.path: l.type for l in layers}
+    assert sites and {by_type[s] for s in sites} == {"qkv", "fc1", "fc2"}  # not proj: its input has 2 axes
+    params = calibrate_activations(model, variables, images, method="minmax", channel_sites=sites, train=False)
+    found = {}
+
+    def record(site, x):
+        found[site] = x
+        return x
+
+    from flax import linen as nn
+    from lampq_jax.apply.sites import site_interceptor
+    with nn.intercept_methods(site_interceptor(record)):
+        model.apply(variables, images, train=False)
+    for site in sites:
+        x = np.asarray(found[site]).reshape(-1, found[site].shape[-1])
+        table = params[site]
+        assert table.shape == (9, 2, x.shape[1])
+        assert CHANNEL_RANGE_FLOOR[4] == 0.0
+        scale, zero = table[4, 0], table[4, 1]
+        lo, hi = -zero * scale, (15 - zero) * scale  # the 4-bit grid's range, per channel
+        half = scale / 2 + 1e-6  # the zero point is an integer: the grid may shift by half a step
+        assert (lo <= np.minimum(x.min(0), 0) + half).all() and (hi >= np.maximum(x.max(0), 0) - half).all()
+        assert np.ptp(scale) > 0  # really per channel
+    others = [s for s in params if s not in sites]
+    assert others and all(params[s].shape == (9, 2) for s in others)
+    with pytest.raises(ValueError, match="channel_sites"):
+        calibrate_activations(model, variables, images, channel_sites=frozenset({"nope"}), train=False)
+
+
+@pytest.mark.slow
+def test_error_falls_with_bits_on_a_197_token_vit():
+    """Randomly initialized ViT-Ti/16 at 224² (197 tokens): relative feature error falls as the bits rise."""
+    model = lampq_jax.create_vit("Ti/16", None, num_layers=4)
+    images = np.asarray(jax.random.normal(jax.random.key(0), [8, 224, 224, 3]))
+    variables = model.init(jax.random.key(1), images[:1], train=False)
+    reference = np.asarray(model.apply(variables, images[4:], train=False))
+    errors = {}
+    for bits in (3, 4, 6, 8):
+        result = lampq_jax.quantize_uniform(model, variables, images[:4], bits, train=False)
+        out = np.asarray(result.apply(images[4:], train=False))
+        errors[bits] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
+    assert errors[3] > errors[4] > errors[6] > errors[8], errors
+    assert errors[8] < 0.045, errors  # measured 0.035; the issue's goal of 0.02 is not met yet
