@@ -76,3 +76,40 @@ def test_error_falls_with_bits_on_a_197_token_vit():
         errors[bits] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
     assert errors[3] > errors[4] > errors[6] > errors[8], errors
     assert errors[8] < 0.045, errors  # measured 0.035; the issue's goal of 0.02 is not met yet
+
+
+def test_query_key_equalization_is_exact_and_balances_channel_ranges(tiny_vit):
+    from lampq_jax.apply.equalize import equalize_query_key, query_key_ratios
+    from lampq_jax.apply.sites import find_attention_paths
+
+    model, variables, images = tiny_vit
+    attention = find_attention_paths(model, variables, images[:1], train=False)
+    equalized = equalize_query_key(model, variables, images, attention, train=False)
+    np.testing.assert_allclose(model.apply(equalized, images, train=False), model.apply(variables, images, train=False),
+                               rtol=1e-4, atol=1e-5)
+    ratios = query_key_ratios(model, equalized, images, attention, train=False)
+    for path in attention:  # after the fold, max|q_d| = max|k_d| for every channel: the ratios are 1
+        np.testing.assert_allclose(ratios[path], 1.0, rtol=1e-3)
+    assert not np.allclose(query_key_ratios(model, variables, images, attention, train=False)[attention[0]], 1.0)
+
+
+def test_silent_channels_get_the_median_range():
+    """A channel that never rises above 0 in calibration keeps room for positive values elsewhere."""
+    import flax.linen as nn
+    from lampq_jax.apply.calibration import SILENT_CHANNEL
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x)
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1.0, 1.0, [64, 4]).astype(np.float32)
+    x[:, 0] = -np.abs(x[:, 0])  # channel 0: silent above zero (max 0 < SILENT_CHANNEL × median max)
+    model = Linear()
+    variables = model.init(jax.random.key(0), x[:1])
+    table = calibrate_activations(model, variables, x, method="minmax", channel_sites=frozenset({"Dense_0"}))["Dense_0"]
+    scale, zero = table[4, 0], table[4, 1]
+    hi = (15 - zero) * scale
+    assert SILENT_CHANNEL > 0 and hi[0] >= np.median(x.max(0)) - scale[0]  # widened to the median channel's max
+    np.testing.assert_allclose(hi[1:], x[:, 1:].max(0), atol=float(scale.max()))  # the others keep their own
