@@ -9,6 +9,7 @@ from lampq_jax.layers.types import LAYER_TYPES
 
 GRANULARITIES = ("layer", "module")
 BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
+CHANNEL_TYPES_DEFAULT = ("qkv", "fc1", "fc2")  # layer types whose inputs are quantized per channel
 
 
 def check_types(types: tuple[str, ...], name: str) -> tuple[str, ...]:
@@ -75,7 +76,7 @@ class LampQConfig:
     max_bits: tuple[tuple[str, int], ...] = ()
     attn_bits: Optional[int] = None
     calibration: str = "mse"
-    channel_types: tuple[str, ...] = ("qkv", "fc1", "fc2")
+    channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT
     equalize_qk: bool = False
     fisher: str = "auto"
     output: str = "logits"

@@ -24,7 +24,7 @@ from lampq_jax.apply.fake import quant_point
 from lampq_jax.apply.calibration import ActivationParams, batches, channel_input_sites
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.equalize import equalize_query_key
-from lampq_jax.config import LampQConfig, check_types
+from lampq_jax.config import CHANNEL_TYPES_DEFAULT, LampQConfig, check_types
 from lampq_jax.layers import Layer, find_layers
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
@@ -42,7 +42,6 @@ from lampq_jax.sensitivity.metric import (
 from lampq_jax.sensitivity.objective import resolve_objective
 
 FIXED_TYPES_DEFAULT = ("embed", "head")
-CHANNEL_TYPES_DEFAULT = ("qkv", "fc1", "fc2")
 SCALE_BYTES_PER_CHANNEL = 8  # float32 scale + float32 zero point
 
 

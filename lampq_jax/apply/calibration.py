@@ -86,8 +86,7 @@ def _subsample(x: jax.Array, max_samples: int) -> jax.Array:
 def _subsample_rows(x: jax.Array, max_rows: int) -> jax.Array:
     """Every k-th row (token) of x [..., C] as [rows, C], at most `max_rows` rows."""
     rows = jnp.reshape(x, (-1, x.shape[-1])).astype(jnp.float32)
-    keep = max_rows
-    stride = max(1, math.ceil(rows.shape[0] / keep))
+    stride = max(1, math.ceil(rows.shape[0] / max_rows))
     return rows[::stride]
 
 
@@ -170,16 +169,15 @@ def _channel_table(rows: jax.Array, lo: jax.Array, hi: jax.Array, method: str, p
     if method == "percentile":
         lo = jnp.percentile(rows, 100.0 - percentile, axis=0)
         hi = jnp.percentile(rows, percentile, axis=0)
-    # Each channel's range is floored by a quantile of all channels' ranges (`CHANNEL_RANGE_FLOOR`).
     ratios = jnp.asarray(DEFAULT_CLIP_RATIOS if method == "mse" else (1.0,), jnp.float32)
     table = [jnp.full([2, lo.shape[0]], jnp.nan, jnp.float32)] * MIN_BITS
-    raw_lo, raw_hi = lo, hi
     # Silent channels: a side whose reach is below SILENT_CHANNEL × the median channel's gets the median's.
     median_lo, median_hi = jnp.median(lo), jnp.median(hi)
     raw_hi = jnp.where(hi < SILENT_CHANNEL * median_hi, jnp.maximum(hi, median_hi), hi)
     raw_lo = jnp.where(lo > SILENT_CHANNEL * median_lo, jnp.minimum(lo, median_lo), lo)
     for bits in range(MIN_BITS, MAX_BITS + 1):
         levels = float(2 ** bits - 1)
+        # Each channel's range is floored by a quantile of all channels' ranges (`CHANNEL_RANGE_FLOOR`).
         floor = CHANNEL_RANGE_FLOOR[bits]
         lo = jnp.minimum(raw_lo, jnp.quantile(raw_lo, 1.0 - floor)) if floor else raw_lo
         hi = jnp.maximum(raw_hi, jnp.quantile(raw_hi, floor)) if floor else raw_hi

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.models.convert import build_model, from_huggingface, resize_pos_embedding
 from lampq_jax.models.vit import ViT
@@ -142,23 +143,6 @@ def _save_atomic(path: Path, flat: dict[str, np.ndarray]) -> None:
         raise
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, np.ndarray]:
-    if isinstance(tree, dict):
-        return {k: v for key, sub in tree.items() for k, v in _flatten(sub, f"{prefix}{key}/").items()}
-    return {prefix[:-1]: np.asarray(tree)}
-
-
-def _unflatten(flat: dict[str, np.ndarray]) -> dict[str, Any]:
-    tree: dict[str, Any] = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return tree
-
-
 def load_dinov2_s14(
     *, image_size: int = 224, tokens: bool = False, cache_dir: Optional[Path] = None, use_cache: bool = True
 ) -> tuple[ViT, dict[str, Any]]:
@@ -179,11 +163,11 @@ def load_dinov2_s14(
         with np.load(cache) as data:
             flat = {k: data[k] for k in data.files}
         config = json.loads(flat.pop(_CONFIG_KEY).tobytes().decode())
-        variables = {"params": _unflatten(flat)}
+        variables = {"params": unflatten_dict(flat, sep="/")}
     else:
         variables, config = convert_backbone(read_backbone_state_dict(find_onnx_file()), image_size)
         if use_cache:
-            flat = _flatten(variables["params"])
+            flat = {k: np.asarray(v) for k, v in flatten_dict(variables["params"], sep="/").items()}
             flat[_CONFIG_KEY] = np.frombuffer(json.dumps(config).encode(), np.uint8)
             _save_atomic(cache, flat)
     model = build_model({**config, "patch_size": (PATCH_SIZE, PATCH_SIZE), "return_tokens": tokens})
