@@ -10,12 +10,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import flax.linen as nn
 
 from lampq_jax.config import LampQConfig
-from lampq_jax.pipeline import quantize
+from lampq_jax.layers import TypeRule
+from lampq_jax.pipeline import checked_rules, quantize
 from lampq_jax.result import QuantizationResult
 
 ABLATIONS: dict[str, dict[str, Any]] = {
@@ -43,9 +44,14 @@ def quantize_random(
     budget: float,
     seed: int = 0,
     config: LampQConfig = LampQConfig(),
+    rules: Sequence[TypeRule] = (),
     **apply_kwargs: Any,
 ) -> QuantizationResult:
-    """A random mixed-precision assignment that meets the same budget (same quantizers and calibration)."""
+    """A random mixed-precision assignment that meets the same budget (same quantizers and calibration).
+
+    `rules`: the user's (regex, type) rules for the layer types, as in `quantize`.
+    """
+    rules = checked_rules(rules)
     return quantize(model, variables, calib_images, budget=budget,
                     config=dataclasses.replace(config, metric="random", iterations=0, alpha="none", seed=seed,
-                                               metric_check=False), **apply_kwargs)
+                                               metric_check=False), rules=rules, **apply_kwargs)

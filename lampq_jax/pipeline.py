@@ -25,7 +25,7 @@ from lampq_jax.apply.calibration import ActivationParams, batches, channel_input
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.equalize import equalize_query_key
 from lampq_jax.config import CHANNEL_TYPES_DEFAULT, LampQConfig, check_types
-from lampq_jax.layers import Layer, find_layers
+from lampq_jax.layers import Layer, TypeRule, check_rules, find_layers, quantization_coverage
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
 from lampq_jax.sensitivity import FisherTraces, fisher_traces
@@ -39,7 +39,7 @@ from lampq_jax.sensitivity.metric import (
     spearman,
     weight_errors,
 )
-from lampq_jax.sensitivity.objective import resolve_objective
+from lampq_jax.sensitivity.objective import objective_name, resolve_objective
 
 FIXED_TYPES_DEFAULT = ("embed", "head")
 SCALE_BYTES_PER_CHANNEL = 8  # float32 scale + float32 zero point
@@ -64,6 +64,19 @@ class _Timer:
         return _Stage()
 
 
+def checked_rules(rules: Sequence[TypeRule]) -> tuple[tuple[str, str], ...]:
+    """The user's (regex, type) rules as a tuple of pairs, checked before any work is done.
+
+    Raises:
+      ValueError: naming a rule that is not a pair, an invalid regex, or an unknown type.
+    """
+    if isinstance(rules, (str, bytes)):
+        raise ValueError(f"rules must be a sequence of (regex, type) pairs, got the string {rules!r}")
+    rules = tuple(rules)
+    check_rules(rules)
+    return tuple((str(pattern), str(t)) for pattern, t in rules)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     """What every method shares: layers, attention paths, calibration, full-precision outputs."""
@@ -74,13 +87,14 @@ class _Prepared:
     act_params: ActivationParams
     fp_outputs: jax.Array
     variables: Any  # the model's variables after the exact query/key equalization (if on)
+    rules: tuple[tuple[str, str], ...]  # the user's type rules
 
 
-def _prepare(model, variables, calib_images, *, calibration, channel_types, equalize_qk, batch_size, timer,
+def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, equalize_qk, batch_size, timer,
              apply_kwargs) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
-        layers = find_layers(model, variables, images[:1], **apply_kwargs)
+        layers = find_layers(model, variables, images[:1], rules=rules, **apply_kwargs)
         attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
     with timer("calibration"):
         if equalize_qk:
@@ -90,7 +104,7 @@ def _prepare(model, variables, calib_images, *, calibration, channel_types, equa
                                            channel_sites=channel_input_sites(layers, channel_types), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         fp_outputs = jnp.concatenate([fp_apply(variables, b) for b in batches(images, 64)])
-    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables)
+    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules)
 
 
 def quantize_uniform(
@@ -106,6 +120,7 @@ def quantize_uniform(
     channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT,
     equalize_qk: bool = False,
     batch_size: int = 32,
+    rules: Sequence[TypeRule] = (),
     **apply_kwargs: Any,
 ) -> QuantizationResult:
     """Quantizes every layer at W`bits`A`bits` (embed and head at `fixed_bits`): the uniform baseline.
@@ -121,13 +136,16 @@ def quantize_uniform(
         post-GELU fc2); () for per-tensor everywhere.
       equalize_qk: rescale each attention's query / key projections so that q and k share their channel
         ranges (exact in float; `lampq_jax.apply.equalize`).
+      rules: the user's (regex, type) rules for the layer types, tried before the built-in ones, e.g.
+        `[(r"layer_[0-9]+/(query|key|value)$", "qkv"), (r"^patch_embed$", "embed")]`; recorded in the result.
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
     """
+    rules = checked_rules(rules)
     check_bits(bits), check_bits(fixed_bits)
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
     timer = _Timer()
     check_types(channel_types, "channel_types")
-    prep = _prepare(model, variables, calib_images, calibration=calibration, channel_types=channel_types,
+    prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
                     equalize_qk=equalize_qk, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
@@ -142,7 +160,9 @@ def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, met
     allocated = [l.path for l in prep.layers if l.type not in fixed_types] or None
     report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
     report["attention_bits"] = dict(attention_bits)
-    return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds))
+    report["coverage"] = quantization_coverage(prep.layers, prep.attention, prep.rules)
+    return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds),
+                              rules=prep.rules)
 
 
 def size_report(layers: Sequence[Layer], bits: Mapping[str, tuple[int, int]], variables: Any,
@@ -306,6 +326,7 @@ def quantize(
     labels: Optional[Any] = None,
     objective: Optional[Any] = None,
     config: LampQConfig = LampQConfig(),
+    rules: Sequence[TypeRule] = (),
     **apply_kwargs: Any,
 ) -> QuantizationResult:
     """LampQ: per-layer bit-widths from the type-aware Fisher metric, the ILP and iterative updates.
@@ -317,15 +338,18 @@ def quantize(
       labels: [N] labels: empirical Fisher and a cross-entropy objective.
       objective: 'kl', 'cross_entropy', 'cosine' or `fn(q_out, fp_out, labels) -> scalar`.
       config: every option of the method.
+      rules: the user's (regex, type) rules for the layer types, tried before the built-in ones, e.g.
+        `[(r"layer_[0-9]+/(query|key|value)$", "qkv"), (r"^patch_embed$", "embed")]`; recorded in the result.
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
       A `QuantizationResult` with the bits per layer, `apply`, the report and timings.
     """
+    rules = checked_rules(rules)
     timer = _Timer()
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
-    prep = _prepare(model, variables, calib_images, calibration=config.calibration,
+    prep = _prepare(model, variables, calib_images, rules=rules, calibration=config.calibration,
                     channel_types=config.channel_types, equalize_qk=config.equalize_qk, batch_size=config.batch_size,
                     timer=timer, apply_kwargs=apply_kwargs)
     variables = prep.variables
@@ -466,6 +490,7 @@ def quantize(
         })
     extra = {
         "budget": budget, "budget_kind": config.budget_kind, "config": dataclasses.asdict(config),
+        "objective": objective_name(objective, labels_given=labels is not None, output=config.output),
         "fisher": fisher_kind, "alpha": alpha, "spearman": spearman_figures, "J_fp": j_fp, "J": best[0],
         "best_round": best[2], "history": history, "layers": layer_rows,
         "probes": {unit_keys[k]: v for k, v in measured.items()},
@@ -482,14 +507,16 @@ def metric_check(
     labels: Optional[Any] = None,
     objective: Optional[Any] = None,
     config: LampQConfig = LampQConfig(),
+    rules: Sequence[TypeRule] = (),
     **apply_kwargs: Any,
 ) -> dict[str, float]:
     """Spearman rank correlation, over all layer groups, between Ω_i at the probe bits and the measured
     increase of the calibration objective when group i alone is quantized, for α = none, mean and probe.
 
-    Runs the sensitivity stages of `quantize` (no iterations) and returns {mode: r}.
+    Runs the sensitivity stages of `quantize` (no iterations) and returns {mode: r}; `rules` as in `quantize`.
     """
+    rules = checked_rules(rules)
     config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher")
     result = quantize(model, variables, calib_images, budget=float(max(config.candidates)), labels=labels,
-                      objective=objective, config=config, **apply_kwargs)
+                      objective=objective, config=config, rules=rules, **apply_kwargs)
     return dict(result.report["spearman"])

@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lampq_jax.layers.coverage import coverage_lines
+from lampq_jax.layers.types import LAYER_TYPES
 from lampq_jax.result import QuantizationResult
 
 TYPE_COLOURS = {"qkv": "#4C72B0", "proj": "#55A868", "fc1": "#C44E52", "fc2": "#8172B2",
@@ -39,8 +41,40 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _bits_range(values: Sequence[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}–{high}"
+
+
+def type_rows(result: QuantizationResult) -> list[list[str]]:
+    """One row per layer type present: type, layers, |W|, weight bits and activation bits (min–max)."""
+    rows = []
+    for t in LAYER_TYPES:
+        layers = [l for l in result.quantized.layers if l.type == t]
+        if layers:
+            bits = [result.bits[l.path] for l in layers]
+            rows.append([t, str(len(layers)), f"{sum(l.num_weights for l in layers):,}",
+                         _bits_range([b[0] for b in bits]), _bits_range([b[1] for b in bits])])
+    return rows
+
+
+def coverage_markdown(result: QuantizationResult) -> list[str]:
+    """The 'What was quantized' section: layers by type with their bits, 'other' layers, attention, rules."""
+    parts = ["## What was quantized", "",
+             markdown_table(["type", "layers", "\\|W\\|", "weight bits", "activation bits"], type_rows(result)), ""]
+    coverage = result.report.get("coverage")
+    if coverage is not None:
+        parts += [f"- {line}" for line in coverage_lines(coverage)]
+        if coverage["attention_sites"]:
+            bits = sorted(set(result.attention_bits.values()))
+            parts.append(f"- attention matmul inputs at {', '.join(map(str, bits))} bits (softmax output: log quantizer)")
+    if "preprocessing" in result.report:
+        parts.append(f"- preprocessing of the calibration images: {result.report['preprocessing']}")
+    return parts + [""]
+
+
 def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[Any]] = ()) -> str:
-    """The run's report (METHOD.md §9): summary, per-layer table, iterations, timings."""
+    """The run's report (METHOD.md §9): summary, what was quantized, per-layer table, iterations, timings."""
     r = result.report
     parts = [f"# LampQ report ({result.method})", ""]
     if summary_rows:
@@ -54,18 +88,21 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
         f"- BOPs per example: {r['bops']:.4g} ({r['bops'] / r['fp_bops']:.4f} of 32-bit)",
     ]
     if "alpha" in r:
-        parts.append(f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective "
-                     f"J = {r['J']:.5f} (round {r['best_round']})")
+        objective = f" {r['objective']}" if "objective" in r else ""
+        parts.append(f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective"
+                     f"{objective} J = {r['J']:.5f} (round {r['best_round']})")
         parts.append("- α per type: " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))
         if r.get("spearman"):
             parts.append("- metric check, Spearman(Ω(b_low), measured ΔL): "
                          + ", ".join(f"α={m}: {v:.3f}" for m, v in r["spearman"].items()))
+    parts += ["", *coverage_markdown(result)]
+    if "alpha" in r:
         cands = list(r["layers"][0]["omega"]) if r["layers"] else []
         rows = [[short_path(l["path"]), l["type"], f"{l['num_weights']:,}", f"{l['macs']:,}",
                  f"{l['fisher_w']:.3g}", f"{l['fisher_a']:.3g}", f"{l['alpha']:.3g}",
                  *[f"{l['omega'][c]:.3g}" for c in cands], "W{}A{}".format(*l["bits"])] for l in r["layers"]]
-        parts += ["", "## Layers", "",
-                  markdown_table(["layer", "type", "|W|", "MACs", "tr F^W", "tr F^A", "α",
+        parts += ["## Layers", "",
+                  markdown_table(["layer", "type", "\\|W\\|", "MACs", "tr F^W", "tr F^A", "α",
                                   *[f"Ω({c})" for c in cands], "bits"], rows)]
         hist = [[h["round"], f"{h['J']:.5f}", h["ilp_status"], f"{h['ilp_objective']:.4g}",
                  " ".join(str(b[0]) for b in h["bits"].values())] for h in r["history"]]

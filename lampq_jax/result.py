@@ -31,12 +31,15 @@ class QuantizationResult:
       method: 'uniform', 'lampq' or a baseline's name.
       report: figures of the run (METHOD.md §9), JSON-serializable.
       timings: seconds per stage.
+      rules: the user's (regex, type) rules the layers were typed with; saved, so that a reload needs none
+        (the saved layers keep their types).
     """
 
     quantized: QuantizedModel
     method: str
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    rules: tuple[tuple[str, str], ...] = ()
 
     @property
     def bits(self) -> dict[str, tuple[int, int]]:
@@ -77,6 +80,7 @@ class QuantizationResult:
             "weight_grid": list(q.spec.weight_grid) if q.spec.weight_grid else None,
             "apply_kwargs": q.apply_kwargs,
             "model": _model_config(q.model),
+            "type_rules": [list(r) for r in self.rules],
             "layers": [dataclasses.asdict(l) for l in q.layers],
         }
         arrays = {f"variables/{k}": np.asarray(v) for k, v in flatten_dict(_plain(q.variables), sep="/").items()}
@@ -152,5 +156,6 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
     spec = QuantSpec.build(layers, {p: tuple(b) for p, b in allocation["bits"].items()},
                            attention_bits=allocation["attention_bits"], weight_grid=allocation["weight_grid"])
     quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]))
+    rules = tuple((str(p), str(t)) for p, t in allocation.get("type_rules", []))  # absent in older saves
     return QuantizationResult(quantized=quantized, method=allocation["method"], report=stored["report"],
-                              timings=stored["timings"])
+                              timings=stored["timings"], rules=rules)

@@ -5,6 +5,7 @@ import pytest
 
 import lampq_jax
 from lampq_jax import LampQConfig
+from lampq_jax.report import report_markdown
 
 
 FAST = dict(progress=False, iterations=1, probes=2)
@@ -35,6 +36,13 @@ def test_lampq_meets_budget_and_reports(lampq_result):
     assert len(r.report["layers"]) == 12 and set(r.report["layers"][0]["omega"]) == {"2", "3", "4", "5", "6", "8"}
     assert {"discovery", "calibration", "fisher", "metric", "probe", "ilp"} <= set(r.timings)
     assert r.report["model_bytes"] < r.report["fp32_bytes"]
+    coverage = r.report["coverage"]
+    assert coverage["other_layers"] == [] and coverage["type_rules"] == []
+    assert coverage["attention_sites"] == [f"Transformer/encoderblock_{b}/MultiHeadDotProductAttention_0/{s}"
+                                           for b in range(2) for s in ("q", "k", "v", "softmax")]
+    text = report_markdown(r)
+    assert "attention matmuls quantized at 8 sites" in text and "not quantized" not in text
+    assert "| embed | 1 | 1,568 | 8 | 8 |" in text and "| head | 1 |" in text
 
 
 def test_same_seed_same_result(tiny_setup, lampq_result):

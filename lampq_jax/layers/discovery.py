@@ -185,8 +185,10 @@ def find_layers(
     if untyped:
         message = (
             f"{len(untyped)} layer(s) match no type rule and get type 'other': {untyped[:8]}"
-            f"{' ...' if len(untyped) > 8 else ''}; pass rules=[(regex, type), ...] with types in "
-            "('qkv', 'proj', 'fc1', 'fc2', 'embed', 'head') so the type-aware metric can tell them apart"
+            f"{' ...' if len(untyped) > 8 else ''}; pass rules=[(regex, type), ...] (to find_layers, quantize, "
+            "quantize_uniform, metric_check, quantize_random; on the command line --type-rule 'REGEX=TYPE') "
+            "with types in ('qkv', 'proj', 'fc1', 'fc2', 'embed', 'head') so the type-aware metric can tell "
+            "them apart"
         )
         if strict:
             raise ValueError(message)

@@ -41,12 +41,23 @@ OBJECTIVES: dict[str, Objective] = {
 }
 
 
+def objective_name(objective, *, labels_given: bool, output: str) -> str:
+    """The name of an objective for reports: the given name, a callable's `__name__`, or the default's name.
+
+    The default (objective None) is 'cosine' for output 'features', else 'cross_entropy' with labels, else 'kl'.
+    """
+    if callable(objective):
+        return getattr(objective, "__name__", type(objective).__name__)
+    if objective is None:
+        return "cosine" if output == "features" else ("cross_entropy" if labels_given else "kl")
+    return objective
+
+
 def resolve_objective(objective, *, labels_given: bool, output: str) -> Objective:
     """A callable objective from a name ('kl', 'cross_entropy', 'cosine'), a callable, or None (default)."""
     if callable(objective):
         return objective
-    if objective is None:
-        objective = "cosine" if output == "features" else ("cross_entropy" if labels_given else "kl")
+    objective = objective_name(objective, labels_given=labels_given, output=output)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose one of {sorted(OBJECTIVES)} or pass a callable")
     return OBJECTIVES[objective]
