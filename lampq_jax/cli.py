@@ -15,20 +15,97 @@ from typing import Optional, Sequence
 import numpy as np
 
 
+def parse_type_rule(text: str) -> tuple[str, str]:
+    """'REGEX=TYPE' → (regex, type), split at the last '=' (a regex may hold '=', a type never does).
+
+    Raises:
+      ValueError: naming `text` when it has no '=', or the regex / type when they are invalid.
+    """
+    from lampq_jax.layers import check_rules
+
+    if "=" not in text:
+        raise ValueError(f"--type-rule must be REGEX=TYPE, e.g. 'layer_[0-9]+/fc1$=fc1', got {text!r}")
+    pattern, layer_type = text.rsplit("=", 1)
+    check_rules([(pattern, layer_type)])
+    return pattern, layer_type
+
+
+def _type_rules(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:
+    return tuple(parse_type_rule(r) for r in (args.type_rule or ()))
+
+
+def _apply_kwargs(args: argparse.Namespace) -> dict:
+    try:
+        kwargs = json.loads(args.apply_kwargs)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"--apply-kwargs must be a JSON object, got {args.apply_kwargs!r}: {err}") from None
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--apply-kwargs must be a JSON object, got {args.apply_kwargs!r}")
+    return kwargs
+
+
+def user_model(spec: str, kwargs: Optional[dict] = None):
+    """The flax.linen module that `spec` ('package.module:function' or 'path/file.py:function') returns.
+
+    The function is called with `kwargs` (the --model-config JSON) as keyword arguments, or with none.
+    """
+    import importlib
+    import importlib.util
+
+    import flax.linen as nn
+
+    module_name, sep, function_name = spec.rpartition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"--model-fn must be MODULE:FUNCTION or FILE.py:FUNCTION, got {spec!r}")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise FileNotFoundError(f"--model-fn file {path} does not exist")
+        loader_spec = importlib.util.spec_from_file_location(f"lampq_user_model_{path.stem}", path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(module_name)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ValueError(f"--model-fn {spec!r}: {module_name} has no function {function_name!r}")
+    model = function(**(kwargs or {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"--model-fn {spec!r} returned {type(model).__name__}, not a flax.linen Module")
+    return model
+
+
+def _model_config_without_fn(args: argparse.Namespace) -> None:
+    if args.model_config and not args.model_fn:
+        raise ValueError(f"--model-config {args.model_config} without --model-fn: here it gives the keyword "
+                         "arguments of --model-fn's function")
+
+
 def _cmd_layers(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from lampq_jax.layers import find_layers, layers_table
+    from lampq_jax.apply import find_attention_paths
+    from lampq_jax.layers import coverage_lines, find_layers, layers_table, quantization_coverage
     from lampq_jax.models import create_vit
 
-    model = create_vit(args.variant, args.num_classes)
-    images = jnp.zeros([1, args.image_size, args.image_size, 3], jnp.float32)
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, train=False))
-    layers = find_layers(model, variables, images, train=False)
+    rules = _type_rules(args)
+    apply_kwargs = _apply_kwargs(args)
+    _model_config_without_fn(args)
+    if args.model_fn:
+        config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
+        model, name = user_model(args.model_fn, config), args.model_fn
+    else:
+        model, name = create_vit(args.variant, args.num_classes), f"ViT-{args.variant}"
+    images = jnp.zeros([1, args.image_size, args.image_size, args.channels or 3], jnp.float32)
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), images, **apply_kwargs))
+    layers = find_layers(model, variables, images, rules=rules, **apply_kwargs)
+    attention = find_attention_paths(model, variables, images, **apply_kwargs)
     print(layers_table(layers))
     total = sum(l.num_weights for l in layers)
-    print(f"\n{len(layers)} quantizable layers, {total:,} weights, ViT-{args.variant} at {args.image_size}px")
+    print(f"\n{len(layers)} quantizable layers, {total:,} weights, {name} at {args.image_size}px")
+    for line in coverage_lines(quantization_coverage(layers, attention, rules)):
+        print(line)
     return 0
 
 
@@ -39,7 +116,7 @@ def _config(args: argparse.Namespace):
         candidates=tuple(args.candidates), budget_kind=args.budget_kind, granularity=args.granularity,
         alpha=args.alpha, iterations=args.iterations, probes=args.probes, calibration=args.calibration,
         separate_weight_act_bits=args.separate_wa, seed=args.seed, progress=not args.no_progress,
-        metric_check=not args.no_metric_check)
+        metric_check=not args.no_metric_check, output=getattr(args, "output", "logits"))
 
 
 class _Staging:
@@ -132,28 +209,58 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_calibration(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
-    """Images [N, H, W, C] float32 (and labels) from an .npz ('images', optional 'labels') or a folder of .npy/.png."""
+def load_calibration(path: str, *, image_size: Optional[int] = None, normalization: Optional[str] = None,
+                     channels: Optional[int] = None, limit: Optional[int] = None
+                     ) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+    """Images [N, H, W, C] float32, labels (or None) and a sentence naming the preprocessing.
+
+    Sources:
+      - an .npz with 'images' (and optional 'labels'): used as they are;
+      - a folder of .npy arrays: used as they are;
+      - a folder of JPEG / PNG files (any size): read with Pillow, shorter side resized to `image_size`,
+        center-cropped, normalized with the preset `normalization` (`lampq_jax.data.image_folder`), as RGB
+        (`channels` 3 or None) or grayscale (1); `image_size` and `normalization` are required for images.
+    `image_size`, `normalization` or `channels` with arrays are an error (arrays are used as they are).
+    `limit` reads at most that many images of a folder.
+    """
+    from lampq_jax.data.image_folder import describe_preprocessing, image_files, load_image_folder
+
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"calibration data {path} does not exist")
+    photos = image_files(p) if p.is_dir() else []
+    if photos:
+        npy = sorted(f.name for f in p.iterdir() if f.suffix.lower() == ".npy")
+        if npy:
+            raise ValueError(f"calibration folder {path} mixes {len(photos)} JPEG/PNG image(s) and {len(npy)} .npy "
+                             f"array(s) (e.g. {npy[0]}); keep one kind")
+        missing = [flag for flag, v in (("--image-size", image_size), ("--normalize", normalization)) if v is None]
+        if missing:
+            raise ValueError(f"calibration folder {path} holds JPEG/PNG images; give {' and '.join(missing)} (the "
+                             "model's input side, and one of imagenet: timm / Hugging Face, minus1_1: big_vision / "
+                             "Scenic, unit: [0, 1])")
+        channels = channels or 3
+        images, files = load_image_folder(p, size=image_size, normalization=normalization, channels=channels,
+                                          limit=limit)
+        return images, None, describe_preprocessing(path, len(files), size=image_size, normalization=normalization,
+                                                    channels=channels)
+    given = [flag for flag, v in (("--image-size", image_size), ("--normalize", normalization),
+                                  ("--channels", channels)) if v is not None]
+    if given:
+        raise ValueError(f"{' and '.join(given)}: only for folders of JPEG/PNG images; {path} holds arrays, "
+                         "which are used as they are")
     if p.is_dir():
-        files = sorted(f for f in p.iterdir() if f.suffix.lower() in (".npy", ".png"))
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".npy")
         if not files:
-            raise ValueError(f"calibration folder {path} holds no .npy or .png image")
-        images = []
-        for f in files:
-            if f.suffix.lower() == ".npy":
-                images.append(np.load(f))
-            else:
-                import matplotlib.image as mpimg
-
-                images.append(mpimg.imread(f))
+            raise ValueError(f"calibration folder {path} holds no .jpg, .jpeg, .png or .npy file")
+        files = files[:limit] if limit else files
+        images = [np.load(f) for f in files]
         shapes = {np.shape(i) for i in images}
         if len(shapes) != 1:
-            raise ValueError(f"images in {path} have different shapes {sorted(shapes)}")
+            raise ValueError(f"arrays in {path} have different shapes {sorted(shapes)}")
         arr = np.stack(images).astype(np.float32)
-        return (arr[..., None] if arr.ndim == 3 else arr), None
+        arr = arr[..., None] if arr.ndim == 3 else arr
+        return arr, None, f"{len(files)} .npy array(s) from {path} used as they are (no resize, no normalization)"
     try:
         with np.load(p) as npz:
             if "images" not in npz.files:
@@ -168,7 +275,7 @@ def load_calibration(path: str) -> tuple[np.ndarray, Optional[np.ndarray]]:
         images = images[..., None]
     if images.ndim != 4:
         raise ValueError(f"{path}: 'images' must be [N, H, W] or [N, H, W, C], got shape {images.shape}")
-    return images, labels
+    return images, labels, f"'images' of {path} used as they are (no resize, no normalization)"
 
 
 def load_model(args: argparse.Namespace):
@@ -181,6 +288,13 @@ def load_model(args: argparse.Namespace):
     ckpt = Path(args.checkpoint)
     if not ckpt.is_file():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    if args.model_fn:
+        if args.format != "scenic" or ckpt.suffix == ".npz":
+            raise ValueError("--model-fn takes a flax msgpack checkpoint of that model's variables "
+                             f"(--format scenic, not .npz), got --format {args.format} and {ckpt.name}")
+        config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
+        raw = flax.serialization.msgpack_restore(ckpt.read_bytes())
+        return user_model(args.model_fn, config), raw if "params" in raw else {"params": raw}
     if args.format in ("timm", "huggingface"):
         import torch
 
@@ -209,15 +323,25 @@ def load_model(args: argparse.Namespace):
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     import lampq_jax
+    from lampq_jax.layers import coverage_lines
 
-    images, labels = load_calibration(args.calib)
+    rules = _type_rules(args)
+    apply_kwargs = _apply_kwargs(args)
+    config = _config(args)
+    images, labels, preprocessing = load_calibration(args.calib, image_size=args.image_size,
+                                                     normalization=args.normalize, channels=args.channels,
+                                                     limit=args.num_calib)
     images = images[: args.num_calib]
     labels = None if labels is None or not args.use_labels else labels[: args.num_calib]
     model, variables = load_model(args)
     with _Staging(Path(args.out), overwrite=args.overwrite) as folder:
         result = lampq_jax.quantize(model, variables, images, budget=args.budget, labels=labels,
-                                    config=_config(args), train=False)
+                                    objective=args.objective, config=config, rules=rules, **apply_kwargs)
+        result.report["preprocessing"] = preprocessing
         _write_outputs(folder, result, ())
+    print(f"calibration: {preprocessing}")
+    for line in coverage_lines(result.report["coverage"]):
+        print(line)
     print(f"bits per layer (avg {result.report['avg_weight_bits_allocated']:.3f} on allocated layers):")
     for path, (wb, ab) in result.bits.items():
         print(f"  W{wb}A{ab}  {path}")
@@ -229,10 +353,15 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     import lampq_jax
     from lampq_jax.report import accuracy
 
-    images, labels = load_calibration(args.data)
+    images, labels, _ = load_calibration(args.data)
     if labels is None:
         raise ValueError(f"{args.data} has no 'labels' array to evaluate against")
-    result = lampq_jax.load_result(args.result)
+    _model_config_without_fn(args)
+    model = None
+    if args.model_fn:
+        model = user_model(args.model_fn, json.loads(Path(args.model_config).read_text()) if args.model_config
+                           else None)
+    result = lampq_jax.load_result(args.result, model)
     print(f"accuracy of {args.result} on {len(images)} images: {accuracy(result.apply, images, labels):.2f} %")
     return 0
 
@@ -253,6 +382,23 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-metric-check", action="store_true")
 
 
+def _add_model_fn_options(p: argparse.ArgumentParser, *, config_help: str) -> None:
+    p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
+                   help="your own flax.linen model: 'package.module:function' or 'file.py:function' returning it "
+                        "(called with the --model-config JSON as keyword arguments, if given)")
+    p.add_argument("--model-config", help=config_help)
+
+
+def _add_discovery_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--type-rule", action="append", metavar="REGEX=TYPE",
+                   help="layer type rule, tried before the built-in ones (repeatable), e.g. "
+                        "'layer_[0-9]+/(query|key|value)$=qkv'; types: qkv, proj, fc1, fc2, embed, head, other")
+    p.add_argument("--apply-kwargs", default='{"train": false}',
+                   help="JSON keyword arguments of model.apply (default {\"train\": false}; '{}' for none)")
+    p.add_argument("--channels", type=int, choices=[1, 3],
+                   help="input channels of the model (3: RGB, the default; 1: grayscale)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lampq",
@@ -267,10 +413,24 @@ def build_parser() -> argparse.ArgumentParser:
     quant = sub.add_parser("quantize", help="quantize a Scenic-layout / timm / Hugging Face checkpoint")
     quant.add_argument("--checkpoint", required=True, help=".msgpack or .npz (Scenic layout), or a torch file")
     quant.add_argument("--format", default="scenic", choices=["scenic", "timm", "huggingface"])
-    quant.add_argument("--model-config", help="JSON: {'variant', 'num_classes', 'overrides'} or ViT fields")
+    _add_model_fn_options(quant, config_help="JSON: {'variant', 'num_classes', 'overrides'} or ViT fields; with "
+                                             "--model-fn: the keyword arguments of that function")
     quant.add_argument("--num-heads", type=int, help="attention heads (timm)")
     quant.add_argument("--hf-config", help="config.json of a Hugging Face model")
-    quant.add_argument("--calib", required=True, help=".npz with 'images' (and 'labels'), or a folder of images")
+    quant.add_argument("--calib", required=True,
+                       help=".npz with 'images' (and 'labels'), a folder of .npy arrays (used as they are), or a "
+                            "folder of JPEG/PNG photos of any size (needs --image-size and --normalize)")
+    quant.add_argument("--image-size", type=int, help="JPEG/PNG: resize the shorter side to this and center-crop")
+    quant.add_argument("--normalize", choices=["imagenet", "minus1_1", "unit"],
+                       help="JPEG/PNG: imagenet = ImageNet mean/std (timm, Hugging Face, DINOv2); "
+                            "minus1_1 = [-1, 1] (big_vision, Scenic); unit = [0, 1]")
+    quant.add_argument("--output", default="logits", choices=["logits", "features"],
+                       help="what the model returns: logits (true Fisher: categorical; default objective kl) or "
+                            "features, e.g. a DINOv2 backbone (Gaussian; default objective cosine)")
+    quant.add_argument("--objective", choices=["kl", "cross_entropy", "cosine"],
+                       help="calibration objective J (default: cosine for features, else cross_entropy with "
+                            "--use-labels, else kl)")
+    _add_discovery_options(quant)
     quant.add_argument("--use-labels", action="store_true", help="empirical Fisher and cross-entropy objective")
     quant.add_argument("--out", required=True)
     quant.add_argument("--overwrite", action="store_true")
@@ -280,12 +440,16 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="accuracy of a saved result on a labelled .npz")
     ev.add_argument("--result", required=True, help="folder written by quantize (…/result)")
     ev.add_argument("--data", required=True, help=".npz with 'images' and 'labels'")
+    _add_model_fn_options(ev, config_help="with --model-fn: the keyword arguments of that function")
     ev.set_defaults(func=_cmd_evaluate)
 
-    layers = sub.add_parser("layers", help="build a ViT variant and list its quantizable layers")
+    layers = sub.add_parser("layers", help="list the quantizable layers of a ViT variant or of your own model, "
+                                           "their types and the attention sites")
     layers.add_argument("--variant", default="S/16", help="ViT variant, e.g. Ti/16, S/16, B/16 (default S/16)")
     layers.add_argument("--num-classes", type=int, default=1000)
     layers.add_argument("--image-size", type=int, default=224)
+    _add_model_fn_options(layers, config_help="with --model-fn: the keyword arguments of that function")
+    _add_discovery_options(layers)
     layers.set_defaults(func=_cmd_layers)
     return parser
 

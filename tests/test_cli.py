@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import flax.serialization
 import jax
@@ -7,7 +8,10 @@ import numpy as np
 import pytest
 
 from conftest import randomize_head, tiny_vit
-from lampq_jax.cli import main
+from invented_vit import RULES, InventedBackbone
+from lampq_jax import create_vit
+from lampq_jax.cli import load_calibration, main
+from lampq_jax.layers import NO_ATTENTION_LINE
 
 FAST = ["--iterations", "0", "--no-progress", "--no-metric-check", "--probes", "1", "--num-calib", "8"]
 
@@ -70,3 +74,128 @@ def test_malformed_calibration_file(files, tmp_path, capsys):
     assert main(bad) == 2
     assert "broken.npz is not a readable .npz file" in capsys.readouterr().err
     assert os.listdir(tmp_path) == []
+
+
+# ----------------------------------------------------------------------------- user models and photo folders
+
+INVENTED = str(Path(__file__).parent / "invented_vit.py") + ":build"
+RULE_FLAGS = [flag for pattern, t in RULES for flag in ("--type-rule", f"{pattern}={t}")]
+
+
+@pytest.fixture(scope="module")
+def invented_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("invented")
+    model = InventedBackbone()
+    images = np.asarray(jax.random.normal(jax.random.key(1), (4, 16, 16, 3)), np.float32)
+    (root / "backbone.msgpack").write_bytes(flax.serialization.to_bytes(model.init(jax.random.key(0), images[:1])))
+    np.savez(root / "calib.npz", images=images)
+    return root
+
+
+def test_cli_type_rules_on_an_invented_model(invented_files, tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["quantize", "--checkpoint", str(invented_files / "backbone.msgpack"), "--model-fn", INVENTED,
+            "--apply-kwargs", "{}", "--calib", str(invented_files / "calib.npz"), "--output", "features",
+            "--out", str(out), *FAST, *RULE_FLAGS]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "layers by type: qkv 6, proj 2, fc1 2, fc2 2, embed 1 (13 layers)" in printed
+    assert NO_ATTENTION_LINE in printed
+    report = (out / "report.md").read_text()
+    assert "| embed | 1 | 768 | 8 | 8 |" in report and NO_ATTENTION_LINE in report
+    assert "calibration objective cosine" in report
+    assert "'images' of" in report and "used as they are" in report
+    assert json.loads((out / "allocation.json").read_text())["bits"]["patch_embed"] == [8, 8]
+    saved = json.loads((out / "result" / "allocation.json").read_text())
+    assert [tuple(r) for r in saved["type_rules"]] == list(RULES)
+    assert leftovers(tmp_path) == []
+
+
+def test_cli_layers_with_type_rules(capsys):
+    base = ["layers", "--model-fn", INVENTED, "--apply-kwargs", "{}", "--image-size", "16"]
+    assert main([*base, *RULE_FLAGS]) == 0
+    printed = capsys.readouterr().out
+    assert "layer_0/attn_out" in printed and "layers left as 'other': none" in printed
+    assert "layers by type: qkv 6, proj 2, fc1 2, fc2 2, embed 1 (13 layers)" in printed
+    assert NO_ATTENTION_LINE in printed
+    with pytest.warns(UserWarning, match="--type-rule"):
+        assert main(base) == 0
+    assert "layers left as 'other' (no type rule matched" in capsys.readouterr().out
+    assert main([*base, "--type-rule", "fc1$=mlp"]) == 2
+    assert "unknown layer type 'mlp'" in capsys.readouterr().err
+    assert main([*base, "--type-rule", "fc1$"]) == 2
+    assert "--type-rule must be REGEX=TYPE" in capsys.readouterr().err
+    assert main([*base, "--type-rule", "(=qkv"]) == 2
+    assert "bad regex '('" in capsys.readouterr().err
+    assert main(["layers", "--variant", "Ti/16", "--image-size", "32"]) == 0
+    assert "attention matmuls quantized at 48 sites" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    from PIL import Image
+
+    from lampq_jax.data.photos import load_photo
+
+    root = tmp_path_factory.mktemp("photos")
+    for k, (name, size) in enumerate([("astronaut", (90, 60)), ("coffee", (41, 77)), ("rocket", (200, 150)),
+                                      ("camera", (64, 64)), ("hubble_deep_field", (50, 120)), ("coins", (75, 40))]):
+        Image.fromarray(load_photo(name)).resize(size, Image.BICUBIC).save(root / f"{k}_{name}.jpg", quality=90)
+    model = create_vit("Ti/7", None, num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7)
+    variables = model.init(jax.random.key(0), np.zeros([1, 28, 28, 3], np.float32))
+    (root.parent / "features.msgpack").write_bytes(flax.serialization.to_bytes(variables))
+    (root.parent / "features.json").write_text(json.dumps({"variant": "Ti/7", "num_classes": None, "overrides": dict(
+        num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7)}))
+    return root
+
+
+def photo_args(folder, out, *extra):
+    return ["quantize", "--checkpoint", str(folder.parent / "features.msgpack"), "--model-config",
+            str(folder.parent / "features.json"), "--calib", str(folder), "--out", str(out), *FAST, *extra]
+
+
+def test_cli_photo_folder_feature_backbone_end_to_end(photo_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(photo_args(photo_folder, out, "--image-size", "28", "--normalize", "imagenet",
+                           "--output", "features", "--budget", "4")) == 0
+    assert "calibration: 6 JPEG/PNG image(s)" in capsys.readouterr().out
+    report = (out / "report.md").read_text()
+    assert ("preprocessing of the calibration images: 6 JPEG/PNG image(s) from " in report
+            and "center-cropped to 28×28, normalized 'imagenet'" in report and "timm, Hugging Face" in report)
+    assert "calibration objective cosine" in report and "attention matmuls quantized at 8 sites" in report
+    stored = json.loads((out / "result" / "report.json").read_text())["report"]
+    assert stored["config"]["output"] == "features" and "normalized 'imagenet'" in stored["preprocessing"]
+    assert main(photo_args(photo_folder, tmp_path / "kl", "--image-size", "28", "--normalize", "minus1_1",
+                           "--output", "features", "--objective", "kl")) == 0
+    assert "calibration objective kl" in (tmp_path / "kl" / "report.md").read_text()
+
+
+def test_cli_photo_folder_errors(photo_folder, files, tmp_path, capsys):
+    assert main(photo_args(photo_folder, tmp_path / "run", "--image-size", "28")) == 2
+    assert "holds JPEG/PNG images; give --normalize" in capsys.readouterr().err
+    assert main(args(files, tmp_path / "run", "--normalize", "unit")) == 2
+    assert "--normalize: only for folders of JPEG/PNG images" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.jpg").write_bytes((photo_folder / "0_astronaut.jpg").read_bytes())
+    (broken / "b.jpg").write_bytes(b"truncated")
+    bad = photo_args(broken, tmp_path / "run", "--image-size", "28", "--normalize", "imagenet")
+    bad[bad.index("--checkpoint") + 1] = str(photo_folder.parent / "features.msgpack")
+    bad[bad.index("--model-config") + 1] = str(photo_folder.parent / "features.json")
+    assert main(bad) == 2
+    assert f"cannot read image {broken / 'b.jpg'}" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["broken"]
+
+
+def test_load_calibration_npy_folder_used_as_is(photo_folder, tmp_path):
+    arrays = np.random.default_rng(0).normal(size=(3, 5, 5, 2)).astype(np.float32)
+    for k, a in enumerate(arrays):
+        np.save(tmp_path / f"{k}.npy", a)
+    images, labels, text = load_calibration(str(tmp_path), limit=2)
+    np.testing.assert_array_equal(images, arrays[:2])
+    assert labels is None and "2 .npy array(s)" in text and "no resize, no normalization" in text
+    with pytest.raises(ValueError, match="--image-size: only for folders of JPEG/PNG"):
+        load_calibration(str(tmp_path), image_size=28)
+    (tmp_path / "x.jpg").write_bytes((photo_folder / "0_astronaut.jpg").read_bytes())
+    with pytest.raises(ValueError, match=r"mixes 1 JPEG/PNG image\(s\) and 3 .npy array\(s\)"):
+        load_calibration(str(tmp_path), image_size=28, normalization="unit")
