@@ -9,7 +9,25 @@ from lampq_jax.layers.types import LAYER_TYPES
 
 GRANULARITIES = ("layer", "module")
 BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
-CHANNEL_TYPES_DEFAULT = ("qkv", "fc1", "fc2")  # layer types whose inputs are quantized per channel
+CHANNEL_TYPES_DEFAULT = ("qkv", "proj", "fc1", "fc2")  # layer types whose inputs are quantized per channel
+QK_CALIBRATIONS = ("minmax", "same")  # range method of the q·kᵀ inputs: min-max, or the `calibration` method
+QK_CALIBRATION_DEFAULT = "minmax"
+WEIGHT_METHODS = ("gptq", "rtn")  # rounding of the weights on their grid: GPTQ, or round to nearest
+WEIGHT_METHOD_DEFAULT = "gptq"
+
+
+def check_qk_calibration(value: str) -> str:
+    """Checks a `qk_calibration` option; the error names the value."""
+    if value not in QK_CALIBRATIONS:
+        raise ValueError(f"qk_calibration must be one of {QK_CALIBRATIONS}, got {value!r}")
+    return value
+
+
+def check_weight_method(value: str) -> str:
+    """Checks a `weight_method` option; the error names the value."""
+    if value not in WEIGHT_METHODS:
+        raise ValueError(f"weight_method must be one of {WEIGHT_METHODS}, got {value!r}")
+    return value
 
 
 def check_types(types: tuple[str, ...], name: str) -> tuple[str, ...]:
@@ -45,8 +63,14 @@ class LampQConfig:
       min_bits, max_bits: per-type bounds, e.g. (('fc2', 4),).
       attn_bits: bits of the attention matmul inputs (None: the budget rounded).
       calibration: activation range method: 'mse', 'percentile' or 'minmax'.
-      channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv and fc1,
-        post-GELU fc2); () quantizes every input per tensor.
+      channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv and fc1, the
+        attention output of proj, post-GELU fc2); () quantizes every input per tensor.
+      center_keys: fold each attention's mean key out of its key bias (exact: softmax ignores a shift
+        shared by all keys; `lampq_jax.apply.equalize.center_keys`).
+      qk_calibration: range method of the q·kᵀ inputs: 'minmax' (no clipping, default) or 'same' (as
+        `calibration`).
+      weight_method: rounding of the weights on their per-channel grid: 'gptq' (codes chosen against the
+        layer's calibration inputs, `lampq_jax.quant.gptq`) or 'rtn' (round to nearest).
       equalize_qk: fold an exact per-channel rescaling into each attention's query / key projections so
         that q and k share their channel ranges (`lampq_jax.apply.equalize`).
       fisher: 'auto' (empirical with labels, true otherwise), 'empirical' or 'true'.
@@ -77,6 +101,9 @@ class LampQConfig:
     attn_bits: Optional[int] = None
     calibration: str = "mse"
     channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT
+    center_keys: bool = True
+    qk_calibration: str = QK_CALIBRATION_DEFAULT
+    weight_method: str = WEIGHT_METHOD_DEFAULT
     equalize_qk: bool = False
     fisher: str = "auto"
     output: str = "logits"
@@ -105,6 +132,8 @@ class LampQConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_types(self.channel_types, "channel_types")
+        check_qk_calibration(self.qk_calibration)
+        check_weight_method(self.weight_method)
         for name in ("probes", "batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

@@ -21,10 +21,19 @@ from lampq_jax.apply import (
     find_attention_paths,
 )
 from lampq_jax.apply.fake import quant_point
-from lampq_jax.apply.calibration import ActivationParams, batches, channel_input_sites
+from lampq_jax.apply.calibration import ActivationParams, attention_minmax_sites, batches, channel_input_sites
 from lampq_jax.apply.dynamic import DynamicQuantizer
-from lampq_jax.apply.equalize import equalize_query_key
-from lampq_jax.config import CHANNEL_TYPES_DEFAULT, LampQConfig, check_types
+from lampq_jax.apply.hessians import input_hessians
+from lampq_jax.apply.equalize import center_keys as center_key_means, equalize_query_key
+from lampq_jax.config import (
+    CHANNEL_TYPES_DEFAULT,
+    QK_CALIBRATION_DEFAULT,
+    WEIGHT_METHOD_DEFAULT,
+    LampQConfig,
+    check_qk_calibration,
+    check_types,
+    check_weight_method,
+)
 from lampq_jax.layers import Layer, TypeRule, check_rules, find_layers, quantization_coverage
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
@@ -86,25 +95,40 @@ class _Prepared:
     attention: tuple[str, ...]
     act_params: ActivationParams
     fp_outputs: jax.Array
-    variables: Any  # the model's variables after the exact query/key equalization (if on)
+    variables: Any  # the model's variables after the exact key centering / query-key equalization (if on)
     rules: tuple[tuple[str, str], ...]  # the user's type rules
+    base_quantizers: dict  # what the base quantizers did (for the report)
+    hessians: Optional[dict[str, np.ndarray]]  # {path: XᵀX / n} of the GPTQ-rounded layers (weight_method='gptq')
 
 
-def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, equalize_qk, batch_size, timer,
-             apply_kwargs) -> _Prepared:
+def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, center_keys, qk_calibration,
+             equalize_qk, weight_method, batch_size, timer, apply_kwargs) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
         layers = find_layers(model, variables, images[:1], rules=rules, **apply_kwargs)
         attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
     with timer("calibration"):
+        uncentered = list(attention)
+        if center_keys:
+            variables, uncentered = center_key_means(model, variables, images, attention,
+                                                     batch_size=max(batch_size, 32), **apply_kwargs)
         if equalize_qk:
             variables = equalize_query_key(model, variables, images, attention, batch_size=max(batch_size, 32),
                                            **apply_kwargs)
+        minmax_sites = attention_minmax_sites(attention) if qk_calibration == "minmax" else frozenset()
         act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
-                                           channel_sites=channel_input_sites(layers, channel_types), **apply_kwargs)
+                                           channel_sites=channel_input_sites(layers, channel_types),
+                                           minmax_sites=minmax_sites, **apply_kwargs)
+        hessians = None
+        if weight_method == "gptq":
+            hessians = input_hessians(model, variables, images, layers, batch_size=max(batch_size, 32), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         fp_outputs = jnp.concatenate([fp_apply(variables, b) for b in batches(images, 64)])
-    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules)
+    base = {"channel_types": list(channel_types), "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
+            "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
+            "keys_not_centered_no_bias": uncentered if center_keys else [], "weight_method": weight_method,
+            "gptq_layers": len(hessians or {})}
+    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules, base, hessians)
 
 
 def quantize_uniform(
@@ -118,7 +142,10 @@ def quantize_uniform(
     attn_bits: Optional[int] = None,
     calibration: str = "mse",
     channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT,
+    center_keys: bool = True,
+    qk_calibration: str = QK_CALIBRATION_DEFAULT,
     equalize_qk: bool = False,
+    weight_method: str = WEIGHT_METHOD_DEFAULT,
     batch_size: int = 32,
     rules: Sequence[TypeRule] = (),
     **apply_kwargs: Any,
@@ -133,7 +160,12 @@ def quantize_uniform(
       attn_bits: bits of the attention matmul inputs (default: `bits`).
       calibration: activation range method, 'mse', 'percentile' or 'minmax'.
       channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv / fc1,
-        post-GELU fc2); () for per-tensor everywhere.
+        the attention output of proj, post-GELU fc2); () for per-tensor everywhere.
+      center_keys: fold each attention's mean key out of its key bias (exact in float;
+        `lampq_jax.apply.equalize.center_keys`).
+      qk_calibration: range method of the q·kᵀ inputs: 'minmax' (default) or 'same' (as `calibration`).
+      weight_method: rounding of the weights on their per-channel grid: 'gptq' (default; `lampq_jax.quant.gptq`)
+        or 'rtn' (round to nearest).
       equalize_qk: rescale each attention's query / key projections so that q and k share their channel
         ranges (exact in float; `lampq_jax.apply.equalize`).
       rules: the user's (regex, type) rules for the layer types, tried before the built-in ones, e.g.
@@ -145,8 +177,11 @@ def quantize_uniform(
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
     timer = _Timer()
     check_types(channel_types, "channel_types")
+    check_qk_calibration(qk_calibration)
+    check_weight_method(weight_method)
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
-                    equalize_qk=equalize_qk, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
+                    center_keys=center_keys, qk_calibration=qk_calibration, equalize_qk=equalize_qk,
+                    weight_method=weight_method, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
     return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
@@ -156,11 +191,13 @@ def quantize_uniform(
 def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, method, extra, timer, apply_kwargs):
     spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
     with timer("quantize_weights"):
-        quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs)
+        quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs,
+                                          hessians=prep.hessians)
     allocated = [l.path for l in prep.layers if l.type not in fixed_types] or None
     report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
     report["attention_bits"] = dict(attention_bits)
     report["coverage"] = quantization_coverage(prep.layers, prep.attention, prep.rules)
+    report["base_quantizers"] = prep.base_quantizers
     return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds),
                               rules=prep.rules)
 
@@ -350,8 +387,10 @@ def quantize(
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=config.calibration,
-                    channel_types=config.channel_types, equalize_qk=config.equalize_qk, batch_size=config.batch_size,
-                    timer=timer, apply_kwargs=apply_kwargs)
+                    channel_types=config.channel_types, center_keys=config.center_keys,
+                    qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
+                    weight_method=config.weight_method, batch_size=config.batch_size, timer=timer,
+                    apply_kwargs=apply_kwargs)
     variables = prep.variables
     layers, images = prep.layers, prep.images
     if labels is not None:
@@ -375,7 +414,8 @@ def quantize(
     rng = jax.random.key(config.seed)
     cands = list(config.candidates)
     alloc_layers = [layers[i] for i in allocated]
-    dq = DynamicQuantizer(model, variables, layers, prep.attention, prep.act_params, apply_kwargs)
+    dq = DynamicQuantizer(model, variables, layers, prep.attention, prep.act_params, apply_kwargs,
+                          hessians=prep.hessians)
     label_array = None if labels is None else jnp.asarray(labels)
 
     def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
@@ -451,7 +491,7 @@ def quantize(
         start = time.perf_counter()
         spec = QuantSpec.build(layers, {**assignment, **fixed_bits}, attention_bits=attention_bits)
         with timer("iterations"):
-            point = quant_point(variables, layers, spec, prep.act_params)
+            point = quant_point(variables, layers, spec, prep.act_params, hessians=prep.hessians)
             fisher_k = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
                                      batch_size=config.batch_size, output=config.output,
                                      quant=point, **apply_kwargs)

@@ -88,6 +88,7 @@ class DynamicQuantizer:
       act_params: calibrated activation quantizers per site.
       apply_kwargs: keyword arguments of `model.apply`.
       weight_grid: clipping-search grid of the weights (None: default).
+      hessians: {path: [in, in]} of the layers whose weights get GPTQ codes (the others: RTN).
     """
 
     model: nn.Module
@@ -97,6 +98,7 @@ class DynamicQuantizer:
     act_params: ActivationParams
     apply_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_grid: Optional[tuple[float, ...]] = None
+    hessians: Optional[Mapping[str, Any]] = None
     _kernels: dict[tuple[str, int], jax.Array] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
@@ -110,7 +112,8 @@ class DynamicQuantizer:
         if key not in self._kernels:
             kernel = self._flat[f"{path}/kernel"]
             self._kernels[key] = kernel if bits == 0 else quantize_kernel(
-                kernel, int(bits), self._out_axes[path], grid=self.weight_grid)
+                kernel, int(bits), self._out_axes[path], grid=self.weight_grid,
+                hessian=(self.hessians or {}).get(path))
         return self._kernels[key]
 
     def params(self, weight_bits: Mapping[str, int]) -> Any:

@@ -1,4 +1,15 @@
-"""Query/key equalization: an exact rescaling of the weights that evens out q and k channel ranges.
+"""Exact reparameterizations of an attention's query / key projections: key centering and equalization.
+
+Key centering. Softmax over the keys does not change when every key moves by the same vector μ:
+q·(k_j − μ) = q·k_j − q·μ, a constant over j for each query. With μ = the mean key over the
+calibration set (per head and channel), folded into the `key` projection's bias (bias − μ), the float
+model is unchanged and k loses its constant part. DINOv2-S/14's keys carry such channels (block 3: one
+channel near 36 in every token, where the median channel's range is 4), which set the step of a
+per-tensor quantizer of all the others. Measured on the real DINOv2-S/14 (16 / 16 crops, q and k alone
+at 4 bits, the rest in float): class-token cosine 0.904 without, 0.952 with centering; uniform W4A4
+(32 / 32 crops) 0.801 without, 0.816 with it. On by default (`center_keys=True`).
+
+Query/key equalization: an exact rescaling of the weights that evens out q and k channel ranges.
 
 The attention logits q·kᵀ = Σ_d q_d k_d do not change when channel d of q is multiplied by r_d and
 channel d of k divided by it. With
@@ -20,6 +31,7 @@ W4A4 as a whole falls from 0.790 to 0.780 and W8A8 from 0.997 to 0.995.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -83,6 +95,69 @@ def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
                 elif leaf == "kernel":
                     raise ValueError(f"attention {path!r} has no {name} kernel at 'params/{key}'")
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths"))
+def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
+    """{attention path: (Σ k [heads, head_dim], number of keys)} over one batch."""
+    found: dict[str, tuple[jax.Array, int]] = {}
+
+    def on_site(site, x):
+        if site.endswith("/k"):
+            x = x.astype(jnp.float32)
+            found[site[: -len("/k")]] = (jnp.sum(x, axis=tuple(range(x.ndim - 2))), math.prod(x.shape[:-2]))
+        return x
+
+    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(), attention_paths=attention_paths)):
+        model.apply(variables, batch, **dict(kwargs))
+    return found
+
+
+def key_means(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
+              batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+    """{attention path: μ [heads, head_dim]}, the mean key over every token of `images`."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in batches(images, batch_size):
+        found = _batch_key_sums(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+                                attention_paths=frozenset(attention_paths))
+        for path, (total, count) in jax.device_get(found).items():
+            sums[path] = sums.get(path, 0.0) + np.asarray(total, np.float64)
+            counts[path] = counts.get(path, 0) + int(count)
+    return {p: (sums[p] / counts[p]).astype(np.float32) for p in attention_paths}
+
+
+def fold_key_means(variables: Any, means: dict[str, np.ndarray]) -> tuple[Any, list[str]]:
+    """(`variables` with each key bias − μ, the attention paths whose key has no bias and stay unchanged).
+
+    Raises:
+      ValueError: an attention without a key kernel, or a bias that does not end in μ's [heads, head_dim].
+    """
+    flat = flatten_dict(dict(variables)["params"], sep="/")
+    without_bias = []
+    for path, mean in means.items():
+        if f"{path}/key/kernel" not in flat:
+            raise ValueError(f"attention {path!r} has no key kernel at 'params/{path}/key/kernel'")
+        key = f"{path}/key/bias"
+        if key not in flat:
+            without_bias.append(path)
+            continue
+        bias = flat[key]
+        if tuple(bias.shape[-2:]) != mean.shape:
+            raise ValueError(f"{key} has shape {tuple(bias.shape)}, which does not end in the "
+                             f"[heads, head_dim] = {mean.shape} of its keys")
+        flat[key] = (jnp.asarray(bias, jnp.float32) - mean).astype(bias.dtype)
+    return {**dict(variables), "params": unflatten_dict(flat, sep="/")}, without_bias
+
+
+def center_keys(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
+                batch_size: int = 32, **apply_kwargs: Any) -> tuple[Any, list[str]]:
+    """(the variables with every attention's mean key folded out of its key bias, the paths left as they were
+    because their key has no bias); see the module docstring."""
+    if not attention_paths:
+        return variables, []
+    means = key_means(model, variables, images, attention_paths, batch_size=batch_size, **apply_kwargs)
+    return fold_key_means(variables, means)
 
 
 def equalize_query_key(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -32,12 +33,14 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
+from lampq_jax.quant.gptq import gptq_round
 from lampq_jax.quant.traced import softmax_dynamic
 from lampq_jax.quant import (
     UniformParams,
     check_bits,
     fake_quant,
     fake_quant_ste,
+    num_levels,
     search_clipping_params,
     weight_reduce_axes,
 )
@@ -110,15 +113,31 @@ class QuantSpec:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid", "ste"))
-def quantize_kernel(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], *, grid=None, ste: bool = False) -> jax.Array:
+def quantize_kernel(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], *, grid=None, ste: bool = False,
+                    hessian: Optional[jax.Array] = None) -> jax.Array:
     """Fake-quantizes a kernel per output channel (`out_axes`), clipping from a ‖Q(W) − W‖² search.
 
+    With `hessian` [in, in] (XᵀX / n of the layer's inputs, `lampq_jax.apply.hessians`), the codes are
+    chosen by GPTQ on that grid (`lampq_jax.quant.gptq`); the kernel must then be [*inputs, *outputs].
+    `ste` (straight-through gradients) needs RTN: GPTQ's rounding is not differentiable.
     Jitted with the bits static: kernels of one shape (every block of a ViT) share one compilation.
     """
     axes = weight_reduce_axes(kernel.ndim, out_axes)
     kwargs = {} if grid is None else {"grid": grid}
     params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
-    return (fake_quant_ste if ste else fake_quant)(kernel, params, bits)
+    if hessian is None:
+        return (fake_quant_ste if ste else fake_quant)(kernel, params, bits)
+    if ste:
+        raise ValueError("GPTQ weights (hessian given) have no straight-through gradient; use RTN for training")
+    n_in = kernel.ndim - len(out_axes)
+    if tuple(out_axes) != tuple(range(n_in, kernel.ndim)):
+        raise ValueError(f"GPTQ needs a kernel [*inputs, *outputs]; got shape {kernel.shape} with out_axes {out_axes}")
+    rows = math.prod(kernel.shape[:n_in])
+    if hessian.shape != (rows, rows):
+        raise ValueError(f"hessian of shape {hessian.shape} does not fit a kernel {kernel.shape} with {rows} inputs")
+    flat = kernel.reshape(rows, -1)
+    q = gptq_round(flat, hessian, params.scale.reshape(-1), params.zero_point.reshape(-1), float(num_levels(bits)))
+    return q.reshape(kernel.shape).astype(kernel.dtype)
 
 
 def layer_kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:
@@ -137,11 +156,17 @@ def with_kernels(variables: Any, kernels: Mapping[str, jax.Array]) -> Any:
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
 
 
-def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpec, *, ste: bool = False) -> Any:
-    """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged)."""
+def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpec, *, ste: bool = False,
+                         hessians: Optional[Mapping[str, jax.Array]] = None) -> Any:
+    """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged).
+
+    Layers with an entry in `hessians` {path: [in, in]} get GPTQ codes, the others round to nearest.
+    """
     out_axes = {l.path: l.out_axes for l in layers}
+    hessians = hessians or {}
     kernels = layer_kernels(variables, [path for path, _, _ in spec.layers])
-    quantized = {path: quantize_kernel(kernels[path], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste)
+    quantized = {path: quantize_kernel(kernels[path], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste,
+                                       hessian=hessians.get(path))
                  for path, wb, _ in spec.layers}
     return with_kernels(variables, quantized)
 
@@ -184,9 +209,10 @@ class QuantPoint(NamedTuple):
     variables: Any
 
 
-def quant_point(variables: Any, layers: Sequence[Layer], spec: QuantSpec, act_params: ActivationParams) -> QuantPoint:
+def quant_point(variables: Any, layers: Sequence[Layer], spec: QuantSpec, act_params: ActivationParams, *,
+                hessians: Optional[Mapping[str, jax.Array]] = None) -> QuantPoint:
     """Fake-quantizes the kernels of `spec` once and bundles the point for Fisher / error passes."""
-    return QuantPoint(spec, act_params, fake_quantize_params(variables, layers, spec))
+    return QuantPoint(spec, act_params, fake_quantize_params(variables, layers, spec, hessians=hessians))
 
 
 def quantized_apply(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -54,9 +54,11 @@ class QuantizedModel:
         spec: QuantSpec,
         act_params: ActivationParams,
         apply_kwargs: dict[str, Any],
+        *,
+        hessians: Optional[Mapping[str, Any]] = None,
     ) -> "QuantizedModel":
-        """Fake-quantizes the kernels of `spec` once and returns the quantized model."""
-        qvars = fake_quantize_params(variables, layers, spec)
+        """Fake-quantizes the kernels of `spec` once (GPTQ for the layers in `hessians`) and returns the model."""
+        qvars = fake_quantize_params(variables, layers, spec, hessians=hessians)
         return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs))
 
     def _fn(self, frozen_kwargs: tuple) -> Callable[..., Any]:

@@ -1,0 +1,64 @@
+"""Second moments of layer inputs, H_i = X_iᵀ X_i / n, for GPTQ weight rounding (`lampq_jax.quant.gptq`).
+
+X_i [n, in] stacks every token of the calibration set that enters layer i (the full-precision
+model's inputs), flattened over the layer's input axes: [C] for a Dense, [heads · head_dim] for an
+attention's output projection. Only layers whose kernel is [*inputs, *outputs] and contract the
+input's trailing axes have one (`channel_input_sites`); convolutions and einsums keep RTN.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lampq_jax.apply.calibration import batches, channel_input_sites
+from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.layers.discovery import Layer
+from lampq_jax.layers.types import LAYER_TYPES
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "input_axes"))
+def _batch_grams(variables, batch, *, model, kwargs, input_axes):
+    """{path: (Σ xxᵀ [in, in], number of rows)} of one batch; input_axes: ((path, n input axes), ...)."""
+    axes = dict(input_axes)
+    found: dict[str, tuple[jax.Array, int]] = {}
+
+    def on_site(site, x):
+        if site in axes:
+            rows = jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - axes[site]:]))).astype(jnp.float32)
+            gram, count = found.get(site, (0.0, 0))  # a layer called twice adds both inputs
+            found[site] = (gram + rows.T @ rows, count + rows.shape[0])
+        return x
+
+    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(axes), attention_paths=frozenset())):
+        model.apply(variables, batch, **dict(kwargs))
+    return found
+
+
+def input_hessians(model: nn.Module, variables: Any, images: np.ndarray, layers: Sequence[Layer], *,
+                   batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+    """{path: H [in, in] float32} = mean of x xᵀ over every input row of the layers that GPTQ can round.
+
+    Args:
+      model, variables: the full-precision model.
+      images: calibration inputs [N, ...].
+      layers: the layers to cover; those that are not [*inputs, *outputs] Dense / DenseGeneral are left out.
+    """
+    input_axes = channel_input_sites(layers, LAYER_TYPES)
+    if not input_axes:
+        return {}
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for batch in batches(images, batch_size):
+        found = _batch_grams(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+                             input_axes=tuple(sorted(input_axes.items())))
+        for path, (gram, rows) in jax.device_get(found).items():
+            sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)
+            counts[path] = counts.get(path, 0) + int(rows)
+    return {p: (sums[p] / counts[p]).astype(np.float32) for p in sums}
