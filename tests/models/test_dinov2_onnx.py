@@ -78,4 +78,4 @@ def test_uniform_quantizers_hold_up_on_the_real_vit(dinov2):
     assert cos[4] == pytest.approx(PINNED[4], abs=0.03), cos
 
 
-PINNED = {8: 0.9957, 4: 0.7794}  # measured with the default quantizers (W3A3 0.655, W5A5 0.944, W6A6 0.975)
+PINNED = {8: 0.9957, 4: 0.8126}  # default quantizers (key centering, min-max q/k, per-channel proj input, GPTQ): W3A3 0.730, W5A5 0.911, W6A6 0.970
