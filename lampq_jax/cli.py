@@ -371,7 +371,7 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-kind", default="avg_bits", choices=["avg_bits", "bops", "model_bytes"])
     p.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
     p.add_argument("--granularity", default="layer", choices=["layer", "module"])
-    p.add_argument("--alpha", default="probe", choices=["probe", "mean", "none"])
+    p.add_argument("--alpha", default="probe", choices=["probe", "mean", "none", "layer"])
     p.add_argument("--iterations", type=int, default=3)
     p.add_argument("--probes", type=int, default=4)
     p.add_argument("--calibration", default="mse", choices=["mse", "percentile", "minmax"])

@@ -51,7 +51,8 @@ class LampQConfig:
         (Σ MACs_i b_w b_a ≤ β² Σ MACs_i) or 'model_bytes' (β is the byte limit of the allocated layers).
       granularity: 'layer' (LampQ's I1) or 'module' (one bit-width per attention / MLP module).
       split_qkv: give q, k and v their own bit-widths instead of one for the three.
-      alpha: type-aware scale α_t: 'probe' (I2), 'mean', or 'none' (HAWQ-style, no I2).
+      alpha: type-aware scale α_t: 'probe' (I2), 'mean', or 'none' (HAWQ-style, no I2); or 'layer':
+        every unit probed alone and scaled by its own measured increase (`metric.alpha_by_unit`).
       probes: P, layers (groups) probed per type for α = 'probe'.
       probe_bits: bit-width of the single-layer probes and of the metric check (None: the lowest candidate).
       iterations: K, rounds of iterative bit updates (I3); 0 turns them off.
@@ -122,7 +123,7 @@ class LampQConfig:
         choices = {
             "budget_kind": BUDGET_KINDS,
             "granularity": GRANULARITIES,
-            "alpha": ("probe", "mean", "none"),
+            "alpha": ("probe", "mean", "none", "layer"),
             "calibration": ("mse", "percentile", "minmax"),
             "fisher": ("auto", "empirical", "true"),
             "output": ("logits", "features"),

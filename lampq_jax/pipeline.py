@@ -42,6 +42,7 @@ from lampq_jax.sensitivity.vtptq import vtptq_metric
 from lampq_jax.sensitivity.metric import (
     activation_errors,
     alpha_by_type,
+    alpha_by_unit,
     predicted_increase,
     probe_indices,
     random_costs,
@@ -317,9 +318,10 @@ def _omega_rows(layers, omega_w, omega_a, cands) -> dict[str, list[float]]:
 
 
 def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone):
-    """α per type from single-unit probes (units: layer groups), and the metric check's Spearman figures.
+    """α from single-unit probes (units: layer groups), and the metric check's Spearman figures.
 
-    Returns (alpha, measured {unit index: ΔJ}, spearman {mode: r}, unit keys).
+    Returns (alpha by type, [layers] α of each layer, measured {unit index: ΔJ}, spearman {mode: r}, unit keys).
+    With α = 'layer' every unit is probed and scaled alone; the by-type figure is then the 'probe' one.
     """
     units: dict[str, list[int]] = {}
     for j, l in enumerate(alloc_layers):
@@ -334,7 +336,7 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
         for t in set(unit_types):
             members = [k for k, tk in enumerate(unit_types) if tk == t]
             to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
-    if config.metric_check:
+    if config.metric_check or config.alpha == "layer":
         to_measure.update(range(len(unit_keys)))
     measured = {}
     for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
@@ -342,7 +344,7 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
     fisher_w = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
     figures = {}
     for mode in ("none", "mean", "probe"):
-        if mode == "probe" and config.alpha != "probe" and not config.metric_check:
+        if mode == "probe" and config.alpha not in ("probe", "layer") and not config.metric_check:
             continue
         figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=measured)
     spearman_figures = {}
@@ -351,7 +353,14 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
         for mode, a_mode in figures.items():
             omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
             spearman_figures[mode] = spearman(omega, [measured[k] for k in order])
-    return figures[config.alpha], measured, spearman_figures, unit_keys
+    if config.alpha == "layer":
+        unit_alpha = alpha_by_unit(unit_types, predicted_low, measured)
+        layer_alpha = np.empty(len(alloc_layers))
+        for k, members in enumerate(units.values()):
+            layer_alpha[members] = unit_alpha[k]
+        return figures["probe"], layer_alpha, measured, spearman_figures, unit_keys
+    alpha = figures[config.alpha]
+    return alpha, np.array([alpha[l.type] for l in alloc_layers]), measured, spearman_figures, unit_keys
 
 
 def quantize(
@@ -451,10 +460,12 @@ def quantize(
         bar.update()
         bar.set_postfix_str("single-layer probes")
         with timer("probe"):
-            alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
+            alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
                 alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp)
         bar.update()
-    layer_alpha = np.array([alpha[l.type] for l in alloc_layers])[:, None]
+    if config.metric in ("vtptq", "random"):
+        layer_alpha = np.ones(len(alloc_layers))
+    layer_alpha = layer_alpha[:, None]
 
     # ILP and iterative updates
     items = _items(alloc_layers, range(len(alloc_layers)), config)
@@ -524,7 +535,7 @@ def quantize(
         layer_rows.append({
             "path": l.path, "type": l.type, "group": item_key(l, config), "num_weights": l.num_weights,
             "macs": l.macs, "fisher_w": fisher.weight[l.path], "fisher_a": fisher.activation[l.path],
-            "alpha": alpha[l.type],
+            "alpha": float(layer_alpha[j, 0]),
             "omega": {str(b): float(layer_alpha[j, 0] * (w_term[j, c] + a_term[j, c])) for c, b in enumerate(cands)},
             "bits": list(final_bits[l.path]),
         })

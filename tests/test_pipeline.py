@@ -114,3 +114,19 @@ def test_metric_check_and_history(tiny_setup, lampq_result):
     assert figures == pytest.approx(lampq_result.report["spearman"])  # same seed, same stages
     first = lampq_result.report["history"][0]
     assert set(first["omega"]) == set(first["bits"]) and len(next(iter(first["omega"].values()))) == 6
+
+
+def test_alpha_layer_scales_each_unit_by_its_probe(tiny_setup):
+    model, variables, images = tiny_setup
+    config = LampQConfig(progress=False, iterations=0, metric_check=False, alpha="layer", probe_bits=3)
+    r = lampq_jax.quantize(model, variables, images[:8], budget=4.0, config=config)
+    rows = r.report["layers"]
+    groups = {row["group"] for row in rows}
+    assert set(r.report["probes"]) == groups  # every unit probed, not P per type
+    for row in rows:  # Ω at the probe bits is the measured increase (or its floor) of the layer's unit
+        probe = r.report["probes"][row["group"]]
+        unit_omega = sum(o["omega"]["3"] for o in rows if o["group"] == row["group"])
+        assert unit_omega >= probe * (1 - 1e-6)
+        if probe > 0.2 * unit_omega:
+            assert unit_omega == pytest.approx(probe, rel=1e-6)
+    assert len({row["alpha"] for row in rows if row["type"] == "fc2"}) > 1  # per unit, not per type

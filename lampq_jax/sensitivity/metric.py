@@ -7,7 +7,8 @@ approximation):
 
 Type-aware metric Ω_i(b) = α_{t(i)} · ΔL̂_i(b), with α_t from `alpha_by_type`:
 'probe' (measured increase / predicted increase over up to P layers of type t), 'mean'
-(1 / mean tr(F^W) of the type), or 'none' (α = 1, the HAWQ-style metric).
+(1 / mean tr(F^W) of the type), or 'none' (α = 1, the HAWQ-style metric). The 'layer' mode
+(`alpha_by_unit`) measures every unit and scales each one alone: Ω_i(b) = α_i · ΔL̂_i(b).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
 
-ALPHA_MODES = ("probe", "mean", "none")
+ALPHA_MODES = ("probe", "mean", "none", "layer")
+TYPE_ALPHA_MODES = ("probe", "mean", "none")
 
 
 def weight_errors(variables: Any, layers: Sequence[Layer], candidates: Sequence[int]) -> np.ndarray:
@@ -131,8 +133,8 @@ def alpha_by_type(
 
     Formulas: probe α_t = Σ_{i∈P_t} ΔL_i / Σ_{i∈P_t} ΔL̂_i; mean α_t = 1 / mean_{i∈t} tr(F^W_i); none α_t = 1.
     """
-    if mode not in ALPHA_MODES:
-        raise ValueError(f"alpha mode must be one of {ALPHA_MODES}, got {mode!r}")
+    if mode not in TYPE_ALPHA_MODES:
+        raise ValueError(f"alpha mode must be one of {TYPE_ALPHA_MODES}, got {mode!r}")
     alpha = {}
     for t in sorted(set(types)):
         members = [i for i, ti in enumerate(types) if ti == t]
@@ -147,6 +149,35 @@ def alpha_by_type(
             measured = sum(max(measured_low[i], 0.0) for i in probed)
             alpha[t] = max(measured, floor) / max(float(np.sum(predicted_low[probed])), floor)
     return alpha
+
+
+def alpha_by_unit(
+    types: Sequence[str],
+    predicted: np.ndarray,
+    measured: Mapping[int, float],
+    *,
+    floor_fraction: float = 0.1,
+    floor: float = 1e-12,
+) -> np.ndarray:
+    """[units] α_i = max(ΔJ_i, f · α_t ΔL̂_i) / ΔL̂_i: each unit scaled by its own measured increase.
+
+    Args:
+      types: type of each unit.
+      predicted: [units] ΔL̂_i at the probe bit-width.
+      measured: {unit index: ΔJ_i at the probe bit-width} for every unit.
+      floor_fraction: f; a unit whose measured increase is below f times its type's figure
+        (α_t of mode 'probe' over all units) keeps that floor, so that noise never makes a unit free.
+
+    The per-unit α keeps the shape of ΔL̂_i(b) over b and sets its level from the measurement.
+    """
+    missing = [i for i in range(len(types)) if i not in measured]
+    if missing:
+        raise ValueError(f"alpha mode 'layer' needs every unit measured; unit(s) {missing[:5]} are not")
+    by_type = alpha_by_type("probe", types, predicted, measured_low=measured, floor=floor)
+    pred = np.maximum(np.asarray(predicted, np.float64), floor)
+    type_alpha = np.array([by_type[t] for t in types])
+    meas = np.array([measured[i] for i in range(len(types))])
+    return np.maximum(meas, floor_fraction * type_alpha * pred) / pred
 
 
 def random_costs(num_layers: int, candidates: Sequence[int], seed: int) -> np.ndarray:
