@@ -31,6 +31,7 @@ from common import write_json, write_section  # noqa: E402
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
+from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
 METHODS = ("uniform", "lampq", "lampq_layer", "hawq", "random", "no_i3")
 
@@ -56,9 +57,9 @@ def run(name, model, variables, calib, budget, layer_probe_bits, seed):
 
 
 def one_minus_cos(fn, images: np.ndarray, ref: np.ndarray) -> float:
+    """The calibration objective (`cosine_objective`: mean 1 − cos) of `fn` on `images` against `ref`."""
     out = np.concatenate([np.asarray(fn(images[i:i + 16])) for i in range(0, len(images), 16)])
-    cos = np.sum(out * ref, -1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
-    return float(np.mean(1.0 - cos))
+    return float(cosine_objective(out, ref))
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ from typing import Optional
 from lampq_jax.layers.types import LAYER_TYPES
 
 GRANULARITIES = ("layer", "module")
+ALPHA_MODES = ("probe", "mean", "none", "layer")  # α per type (probe / mean / none) or per unit (layer)
 BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
 CHANNEL_TYPES_DEFAULT = ("qkv", "proj", "fc1", "fc2")  # layer types whose inputs are quantized per channel
 QK_CALIBRATIONS = ("minmax", "same")  # range method of the q·kᵀ inputs: min-max, or the `calibration` method
@@ -123,7 +124,7 @@ class LampQConfig:
         choices = {
             "budget_kind": BUDGET_KINDS,
             "granularity": GRANULARITIES,
-            "alpha": ("probe", "mean", "none", "layer"),
+            "alpha": ALPHA_MODES,
             "calibration": ("mse", "percentile", "minmax"),
             "fisher": ("auto", "empirical", "true"),
             "output": ("logits", "features"),

@@ -444,6 +444,7 @@ def quantize(
         fisher = FisherTraces({l.path: float("nan") for l in alloc_layers},
                               {l.path: float("nan") for l in alloc_layers}, len(images))
         alpha = {t: 1.0 for t in {l.type for l in alloc_layers}}
+        layer_alpha = np.ones(len(alloc_layers))
         measured, spearman_figures, unit_keys, w_err = {}, {}, [], None
         bar.update(3)
     else:
@@ -463,8 +464,6 @@ def quantize(
             alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
                 alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp)
         bar.update()
-    if config.metric in ("vtptq", "random"):
-        layer_alpha = np.ones(len(alloc_layers))
     layer_alpha = layer_alpha[:, None]
 
     # ILP and iterative updates

@@ -28,7 +28,6 @@ from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
 
-ALPHA_MODES = ("probe", "mean", "none", "layer")
 TYPE_ALPHA_MODES = ("probe", "mean", "none")
 
 
