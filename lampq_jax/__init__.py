@@ -9,3 +9,5 @@ from lampq_jax.result import QuantizationResult, load_result
 from lampq_jax.config import LampQConfig
 from lampq_jax.pipeline import metric_check, quantize
 from lampq_jax.baselines import baseline_config, quantize_random
+from lampq_jax.data.zero_shot import ZeroShotConfig
+from lampq_jax.data.zero_shot import synthesize_calibration

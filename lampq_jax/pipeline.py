@@ -34,6 +34,7 @@ from lampq_jax.config import (
     check_types,
     check_weight_method,
 )
+from lampq_jax.data.zero_shot import ZeroShotConfig, synthesize_from_config
 from lampq_jax.layers import Layer, TypeRule, check_rules, find_layers, quantization_coverage
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
@@ -87,6 +88,30 @@ def checked_rules(rules: Sequence[TypeRule]) -> tuple[tuple[str, str], ...]:
     return tuple((str(pattern), str(t)) for pattern, t in rules)
 
 
+def calibration_set(model, variables, calib_images, zero_shot: Optional[ZeroShotConfig], *, output: str,
+                    labels: Optional[Any], timer: _Timer, apply_kwargs) -> tuple[Any, Optional[np.ndarray], dict]:
+    """(calibration images, the synthesized ones or None, report entry): the user's, or METHOD.md §7's.
+
+    Raises:
+      ValueError: neither or both of calib_images and zero_shot, or labels with zero_shot.
+    """
+    if zero_shot is None:
+        if calib_images is None:
+            raise ValueError("give calib_images [N, ...], or zero_shot=ZeroShotConfig(...) to synthesize them")
+        return calib_images, None, {}
+    if not isinstance(zero_shot, ZeroShotConfig):
+        raise TypeError(f"zero_shot must be a ZeroShotConfig, got {type(zero_shot).__name__}")
+    if calib_images is not None:
+        raise ValueError("give calib_images or zero_shot, not both (zero_shot synthesizes the calibration images)")
+    if labels is not None:
+        raise ValueError("labels were given with zero_shot; synthesized images have no labels")
+    output = zero_shot.output or output
+    with timer("zero_shot"):
+        images = synthesize_from_config(model, variables, zero_shot, output=output, **apply_kwargs)
+    entry = {"zero_shot": {**dataclasses.asdict(zero_shot), "output": output, "seconds": timer.seconds["zero_shot"]}}
+    return images, images, entry
+
+
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
     """What every method shares: layers, attention paths, calibration, full-precision outputs."""
@@ -135,9 +160,10 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
 def quantize_uniform(
     model: nn.Module,
     variables: Any,
-    calib_images: Any,
+    calib_images: Optional[Any],
     bits: int,
     *,
+    zero_shot: Optional[ZeroShotConfig] = None,
     fixed_bits: int = 8,
     fixed_types: tuple[str, ...] = FIXED_TYPES_DEFAULT,
     attn_bits: Optional[int] = None,
@@ -155,7 +181,7 @@ def quantize_uniform(
 
     Args:
       model, variables: an unchanged flax.linen model and its variables.
-      calib_images: calibration inputs [N, ...], finite.
+      calib_images: calibration inputs [N, ...], finite; None with `zero_shot`.
       bits: weight and activation bits of every allocated layer, in [2, 8].
       fixed_bits: bits of the layers whose type is in `fixed_types`.
       attn_bits: bits of the attention matmul inputs (default: `bits`).
@@ -171,6 +197,8 @@ def quantize_uniform(
         ranges (exact in float; `lampq_jax.apply.equalize`).
       rules: the user's (regex, type) rules for the layer types, tried before the built-in ones, e.g.
         `[(r"layer_[0-9]+/(query|key|value)$", "qkv"), (r"^patch_embed$", "embed")]`; recorded in the result.
+      zero_shot: synthesize the calibration images from the model (METHOD.md §7; output 'logits' unless the
+        config says otherwise) instead of taking calib_images.
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
     """
     rules = checked_rules(rules)
@@ -180,16 +208,19 @@ def quantize_uniform(
     check_types(channel_types, "channel_types")
     check_qk_calibration(qk_calibration)
     check_weight_method(weight_method)
+    calib_images, synthetic, zs_entry = calibration_set(model, variables, calib_images, zero_shot, output="logits",
+                                                        labels=None, timer=timer, apply_kwargs=apply_kwargs)
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
                     center_keys=center_keys, qk_calibration=qk_calibration, equalize_qk=equalize_qk,
                     weight_method=weight_method, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
     return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
-                   {"bits": bits}, timer, apply_kwargs)
+                   {"bits": bits, **zs_entry}, timer, apply_kwargs, synthetic)
 
 
-def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, method, extra, timer, apply_kwargs):
+def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, method, extra, timer, apply_kwargs,
+            synthetic_images=None):
     spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
     with timer("quantize_weights"):
         quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs,
@@ -200,7 +231,7 @@ def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, met
     report["coverage"] = quantization_coverage(prep.layers, prep.attention, prep.rules)
     report["base_quantizers"] = prep.base_quantizers
     return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds),
-                              rules=prep.rules)
+                              rules=prep.rules, synthetic_images=synthetic_images)
 
 
 def size_report(layers: Sequence[Layer], bits: Mapping[str, tuple[int, int]], variables: Any,
@@ -366,26 +397,30 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
 def quantize(
     model: nn.Module,
     variables: Any,
-    calib_images: Any,
+    calib_images: Optional[Any] = None,
     *,
     budget: float,
     labels: Optional[Any] = None,
     objective: Optional[Any] = None,
     config: LampQConfig = LampQConfig(),
     rules: Sequence[TypeRule] = (),
+    zero_shot: Optional[ZeroShotConfig] = None,
     **apply_kwargs: Any,
 ) -> QuantizationResult:
     """LampQ: per-layer bit-widths from the type-aware Fisher metric, the ILP and iterative updates.
 
     Args:
       model, variables: an unchanged flax.linen model and its variables.
-      calib_images: calibration inputs [N, ...] (e.g. 32 images), finite.
+      calib_images: calibration inputs [N, ...] (e.g. 32 images), finite; None with `zero_shot`.
       budget: β: average bits (default), BOPs bits, or bytes; see `LampQConfig.budget_kind`.
       labels: [N] labels: empirical Fisher and a cross-entropy objective.
       objective: 'kl', 'cross_entropy', 'cosine' or `fn(q_out, fp_out, labels) -> scalar`.
       config: every option of the method.
       rules: the user's (regex, type) rules for the layer types, tried before the built-in ones, e.g.
         `[(r"layer_[0-9]+/(query|key|value)$", "qkv"), (r"^patch_embed$", "embed")]`; recorded in the result.
+      zero_shot: data-free mode (METHOD.md §7): the calibration images are synthesized from the model
+        (`lampq_jax.data.zero_shot`, output `config.output` unless the ZeroShotConfig says otherwise), and
+        kept in `result.synthetic_images`; everything after runs on them unchanged.
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
@@ -395,6 +430,9 @@ def quantize(
     timer = _Timer()
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
+    calib_images, synthetic, zs_entry = calibration_set(model, variables, calib_images, zero_shot,
+                                                        output=config.output, labels=labels, timer=timer,
+                                                        apply_kwargs=apply_kwargs)
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=config.calibration,
                     channel_types=config.channel_types, center_keys=config.center_keys,
                     qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
@@ -543,10 +581,10 @@ def quantize(
         "objective": objective_name(objective, labels_given=labels is not None, output=config.output),
         "fisher": fisher_kind, "alpha": alpha, "spearman": spearman_figures, "J_fp": j_fp, "J": best[0],
         "best_round": best[2], "history": history, "layers": layer_rows,
-        "probes": {unit_keys[k]: v for k, v in measured.items()},
+        "probes": {unit_keys[k]: v for k, v in measured.items()}, **zs_entry,
     }
     return _finish(model, variables, prep, final_bits, attention_bits, config.fixed_types, "lampq", extra, timer,
-                   apply_kwargs)
+                   apply_kwargs, synthetic)
 
 
 def metric_check(

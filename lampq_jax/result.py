@@ -33,6 +33,7 @@ class QuantizationResult:
       timings: seconds per stage.
       rules: the user's (regex, type) rules the layers were typed with; saved, so that a reload needs none
         (the saved layers keep their types).
+      synthetic_images: [N, ...] the calibration images of a zero-shot run (not saved by `save`).
     """
 
     quantized: QuantizedModel
@@ -40,6 +41,7 @@ class QuantizationResult:
     report: dict[str, Any] = dataclasses.field(default_factory=dict)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     rules: tuple[tuple[str, str], ...] = ()
+    synthetic_images: Optional[np.ndarray] = None
 
     @property
     def bits(self) -> dict[str, tuple[int, int]]:
