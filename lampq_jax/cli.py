@@ -143,13 +143,16 @@ class _Staging:
 
 
 def _write_outputs(folder: Path, result, summary_rows) -> None:
-    from lampq_jax.report import plot_bits, report_markdown
+    from lampq_jax.report import plot_bits, plot_image_grid, report_markdown
 
     result.save(folder / "result")
     allocation = {"method": result.method, "bits": {p: list(b) for p, b in result.bits.items()},
                   "attention_bits": result.attention_bits, "budget": result.report.get("budget"),
                   "avg_weight_bits_allocated": result.report["avg_weight_bits_allocated"]}
     (folder / "allocation.json").write_text(json.dumps(allocation, indent=1))
+    if result.synthetic_images is not None:
+        np.savez(folder / "zero_shot_images.npz", images=result.synthetic_images)
+        plot_image_grid(result.synthetic_images, folder / "zero_shot_images.png")
     (folder / "report.md").write_text(report_markdown(result, summary_rows))
     plot_bits(result, folder / "bits.png")
 
@@ -328,15 +331,22 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     rules = _type_rules(args)
     apply_kwargs = _apply_kwargs(args)
     config = _config(args)
-    images, labels, preprocessing = load_calibration(args.calib, image_size=args.image_size,
-                                                     normalization=args.normalize, channels=args.channels,
-                                                     limit=args.num_calib)
-    images = images[: args.num_calib]
-    labels = None if labels is None or not args.use_labels else labels[: args.num_calib]
+    zero_shot = _zero_shot_config(args)
+    images = labels = None
+    if zero_shot is None:
+        images, labels, preprocessing = load_calibration(args.calib, image_size=args.image_size,
+                                                         normalization=args.normalize, channels=args.channels,
+                                                         limit=args.num_calib)
+        images = images[: args.num_calib]
+        labels = None if labels is None or not args.use_labels else labels[: args.num_calib]
+    else:
+        preprocessing = (f"zero-shot: {zero_shot.num_images} images {zero_shot.image_shape} synthesized in "
+                         f"{zero_shot.steps} steps, pixels in {zero_shot.pixel_range} ({args.normalize})")
     model, variables = load_model(args)
     with _Staging(Path(args.out), overwrite=args.overwrite) as folder:
         result = lampq_jax.quantize(model, variables, images, budget=args.budget, labels=labels,
-                                    objective=args.objective, config=config, rules=rules, **apply_kwargs)
+                                    objective=args.objective, config=config, rules=rules, zero_shot=zero_shot,
+                                    **apply_kwargs)
         result.report["preprocessing"] = preprocessing
         _write_outputs(folder, result, ())
     print(f"calibration: {preprocessing}")
@@ -345,8 +355,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"bits per layer (avg {result.report['avg_weight_bits_allocated']:.3f} on allocated layers):")
     for path, (wb, ab) in result.bits.items():
         print(f"  W{wb}A{ab}  {path}")
-    print(f"wrote {args.out}/allocation.json, report.md, bits.png, result/")
+    extra = ", zero_shot_images.npz, zero_shot_images.png" if zero_shot is not None else ""
+    print(f"wrote {args.out}/allocation.json, report.md, bits.png{extra}, result/")
     return 0
+
+
+NORMALIZED_RANGES = {"imagenet": (min((0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
+                                  max((1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))),
+                     "minus1_1": (-1.0, 1.0), "unit": (0.0, 1.0)}
+
+
+def _zero_shot_config(args: argparse.Namespace):
+    """The ZeroShotConfig of `--zero-shot N`, or None with `--calib`; exactly one of the two is given."""
+    from lampq_jax.data.zero_shot import ZeroShotConfig
+
+    if (args.calib is None) == (args.zero_shot is None):
+        raise SystemExit("lampq quantize: give exactly one of --calib PATH and --zero-shot N")
+    if args.zero_shot is None:
+        return None
+    if args.zero_shot < 1 or args.zero_shot_steps < 1:
+        raise SystemExit(f"lampq quantize: --zero-shot and --zero-shot-steps must be >= 1, got {args.zero_shot} "
+                         f"and {args.zero_shot_steps}")
+    if args.image_size is None or args.normalize is None:
+        raise SystemExit("lampq quantize: --zero-shot needs --image-size (the model's input size) and --normalize "
+                         "(the model's input normalization, which bounds the synthesized pixels)")
+    return ZeroShotConfig(image_shape=(args.image_size, args.image_size, args.channels or 3),
+                          num_images=args.zero_shot, steps=args.zero_shot_steps,
+                          pixel_range=NORMALIZED_RANGES[args.normalize], seed=args.seed,
+                          progress=not args.no_progress)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -417,7 +453,11 @@ def build_parser() -> argparse.ArgumentParser:
                                              "--model-fn: the keyword arguments of that function")
     quant.add_argument("--num-heads", type=int, help="attention heads (timm)")
     quant.add_argument("--hf-config", help="config.json of a Hugging Face model")
-    quant.add_argument("--calib", required=True,
+    quant.add_argument("--zero-shot", type=int, metavar="N",
+                       help="data-free: synthesize N calibration images from the model instead of --calib "
+                            "(needs --image-size and --normalize)")
+    quant.add_argument("--zero-shot-steps", type=int, default=200, help="Adam steps of the synthesis (default 200)")
+    quant.add_argument("--calib",
                        help=".npz with 'images' (and 'labels'), a folder of .npy arrays (used as they are), or a "
                             "folder of JPEG/PNG photos of any size (needs --image-size and --normalize)")
     quant.add_argument("--image-size", type=int, help="JPEG/PNG: resize the shorter side to this and center-crop")

@@ -73,6 +73,16 @@ def coverage_markdown(result: QuantizationResult) -> list[str]:
     return parts + [""]
 
 
+def zero_shot_markdown(settings: dict) -> list[str]:
+    """The 'Zero-shot calibration' section: how the images were synthesized, and their grid."""
+    keys = ("num_images", "image_shape", "steps", "lr", "entropy_weight", "ce_weight", "tv_weight", "jitter", "flip",
+            "pixel_range", "output", "seed")
+    return ["## Zero-shot calibration", "",
+            f"The calibration images were synthesized from the full-precision model in {settings['seconds']:.1f} s "
+            "(METHOD.md §7): " + ", ".join(f"{k} {settings[k]}" for k in keys if k in settings) + ".", "",
+            "![synthesized calibration images](zero_shot_images.png)", ""]
+
+
 def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[Any]] = ()) -> str:
     """The run's report (METHOD.md §9): summary, what was quantized, per-layer table, iterations, timings."""
     r = result.report
@@ -96,6 +106,8 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
             parts.append("- metric check, Spearman(Ω(b_low), measured ΔL): "
                          + ", ".join(f"α={m}: {v:.3f}" for m, v in r["spearman"].items()))
     parts += ["", *coverage_markdown(result)]
+    if "zero_shot" in r:
+        parts += zero_shot_markdown(r["zero_shot"])
     if "alpha" in r:
         cands = list(r["layers"][0]["omega"]) if r["layers"] else []
         rows = [[short_path(l["path"]), l["type"], f"{l['num_weights']:,}", f"{l['macs']:,}",
@@ -148,6 +160,45 @@ def plot_bits(result: QuantizationResult, path: str | Path) -> Path:
     last = axes[-1, 0]
     last.set_xticks(range(len(layers)))
     last.set_xticklabels([short_path(l.path) for l in layers], rotation=90, fontsize=6)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+    """[rows·H, columns·W, C] mosaic of images [N, H, W, C], each scaled to [0, 1] by its own min and max."""
+    images = np.asarray(images, np.float32)
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise ValueError(f"images must be [N, H, W, 1 or 3], got shape {images.shape}")
+    low = images.min(axis=(1, 2, 3), keepdims=True)
+    high = images.max(axis=(1, 2, 3), keepdims=True)
+    images = (images - low) / np.maximum(high - low, 1e-12)
+    n, h, w, c = images.shape
+    columns = min(columns, n)
+    rows = -(-n // columns)
+    grid = np.ones([rows * h, columns * w, c], np.float32)
+    for i, image in enumerate(images):
+        r, k = divmod(i, columns)
+        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+    return grid
+
+
+def plot_image_grid(images: np.ndarray, path: str | Path, columns: int = 8) -> Path:
+    """Saves the `image_grid` of images [N, H, W, C] as a PNG (e.g. the zero-shot calibration images)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'lampq_jax[plot]'") from err
+    grid = image_grid(images, columns)
+    fig, ax = plt.subplots(figsize=(min(12, 1.2 * grid.shape[1] / images.shape[2]),
+                                    min(12, 1.2 * grid.shape[0] / images.shape[1])))
+    ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None)
+    ax.set_axis_off()
     fig.tight_layout()
     path = Path(path)
     fig.savefig(path, dpi=110)
