@@ -31,8 +31,8 @@ from bench_real_vit import PROBE_FILE, fmnist_224, probe_accuracy  # noqa: E402
 from common import write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
-from lampq_jax.cli import NORMALIZED_RANGES  # noqa: E402
 from lampq_jax.data.embedded import load_embedded_config, load_embedded_model, load_embedded_subset  # noqa: E402
+from lampq_jax.data.image_folder import get_normalization  # noqa: E402
 from lampq_jax.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.data.zero_shot import synthesize_calibration  # noqa: E402
@@ -101,7 +101,7 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
 def real_vit_rows(args) -> tuple[list[dict], dict]:
     model, variables = load_dinov2_s14()
     fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
-    pixel_range = NORMALIZED_RANGES["imagenet"]
+    pixel_range = get_normalization("imagenet").pixel_range()
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
     real = normalize_imagenet(photo_crops("calibration", args.vit_images, 224))
     ref_eval = batched(fp_fn, evaluation, 16)

@@ -360,13 +360,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-NORMALIZED_RANGES = {"imagenet": (min((0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))),
-                                  max((1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)))),
-                     "minus1_1": (-1.0, 1.0), "unit": (0.0, 1.0)}
-
-
 def _zero_shot_config(args: argparse.Namespace):
     """The ZeroShotConfig of `--zero-shot N`, or None with `--calib`; exactly one of the two is given."""
+    from lampq_jax.data.image_folder import get_normalization
     from lampq_jax.data.zero_shot import ZeroShotConfig
 
     if (args.calib is None) == (args.zero_shot is None):
@@ -381,7 +377,7 @@ def _zero_shot_config(args: argparse.Namespace):
                          "(the model's input normalization, which bounds the synthesized pixels)")
     return ZeroShotConfig(image_shape=(args.image_size, args.image_size, args.channels or 3),
                           num_images=args.zero_shot, steps=args.zero_shot_steps,
-                          pixel_range=NORMALIZED_RANGES[args.normalize], seed=args.seed,
+                          pixel_range=get_normalization(args.normalize).pixel_range(), seed=args.seed,
                           progress=not args.no_progress)
 
 

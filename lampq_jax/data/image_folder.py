@@ -50,6 +50,11 @@ class Normalization:
         std = self.std[0] if len(set(self.std)) == 1 else self.std
         return f"{self.name!r}: (x/255 - {mean}) / {std} ({self.convention})"
 
+    def pixel_range(self) -> tuple[float, float]:
+        """(low, high) of normalized [0, 1] pixels over every channel: (min (0 − m) / s, max (1 − m) / s)."""
+        return (min((0 - m) / s for m, s in zip(self.mean, self.std)),
+                max((1 - m) / s for m, s in zip(self.mean, self.std)))
+
 
 NORMALIZATIONS: dict[str, Normalization] = {
     "imagenet": Normalization(name="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
