@@ -366,14 +366,14 @@ def _zero_shot_config(args: argparse.Namespace):
     from lampq_jax.data.zero_shot import ZeroShotConfig
 
     if (args.calib is None) == (args.zero_shot is None):
-        raise SystemExit("lampq quantize: give exactly one of --calib PATH and --zero-shot N")
+        raise ValueError("give exactly one of --calib PATH and --zero-shot N")
     if args.zero_shot is None:
         return None
     if args.zero_shot < 1 or args.zero_shot_steps < 1:
-        raise SystemExit(f"lampq quantize: --zero-shot and --zero-shot-steps must be >= 1, got {args.zero_shot} "
+        raise ValueError(f"--zero-shot and --zero-shot-steps must be >= 1, got {args.zero_shot} "
                          f"and {args.zero_shot_steps}")
     if args.image_size is None or args.normalize is None:
-        raise SystemExit("lampq quantize: --zero-shot needs --image-size (the model's input size) and --normalize "
+        raise ValueError("--zero-shot needs --image-size (the model's input size) and --normalize "
                          "(the model's input normalization, which bounds the synthesized pixels)")
     return ZeroShotConfig(image_shape=(args.image_size, args.image_size, args.channels or 3),
                           num_images=args.zero_shot, steps=args.zero_shot_steps,

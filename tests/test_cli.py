@@ -76,6 +76,36 @@ def test_malformed_calibration_file(files, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def zero_shot_args(files, out, *extra):
+    return ["quantize", "--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json"),
+            "--out", str(out), *FAST, *extra]
+
+
+def test_cli_zero_shot_writes_the_synthetic_set(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(zero_shot_args(files, out, "--zero-shot", "4", "--zero-shot-steps", "3", "--image-size", "28",
+                               "--channels", "1", "--normalize", "unit", "--budget", "4")) == 0
+    assert "calibration: zero-shot: 4 images (28, 28, 1) synthesized in 3 steps" in capsys.readouterr().out
+    assert {"zero_shot_images.npz", "zero_shot_images.png"} <= set(os.listdir(out))
+    with np.load(out / "zero_shot_images.npz") as f:
+        images = f["images"]
+    assert images.shape == (4, 28, 28, 1) and np.all(np.isfinite(images))
+    assert images.min() >= 0.0 and images.max() <= 1.0 and images.std() > 0
+    assert "zero-shot" in (out / "report.md").read_text().lower()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--zero-shot", "4", "--calib", "x.npz"], "give exactly one of --calib PATH and --zero-shot N"),
+    ([], "give exactly one of --calib PATH and --zero-shot N"),
+    (["--zero-shot", "0", "--image-size", "28", "--normalize", "unit"], "must be >= 1, got 0 and 200"),
+    (["--zero-shot", "4", "--image-size", "28"], "--zero-shot needs --image-size"),
+])
+def test_cli_zero_shot_errors(files, tmp_path, capsys, extra, message):
+    assert main(zero_shot_args(files, tmp_path / "run", *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
 # ----------------------------------------------------------------------------- user models and photo folders
 
 INVENTED = str(Path(__file__).parent / "invented_vit.py") + ":build"
