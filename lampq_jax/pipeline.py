@@ -394,6 +394,22 @@ def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone
     return alpha, np.array([alpha[l.type] for l in alloc_layers]), measured, spearman_figures, unit_keys
 
 
+def _checked_labels(labels: Any, num_images: int, fp_outputs: jax.Array, output: str) -> np.ndarray:
+    """labels [N] as an integer array; class indices in [0, C) of the logits [N, C] when output='logits'."""
+    labels = np.asarray(labels)
+    if labels.shape != (num_images,):
+        raise ValueError(f"labels must have shape ({num_images},), got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if output == "logits" and fp_outputs.ndim == 2:
+        classes = fp_outputs.shape[-1]
+        outside = labels[(labels < 0) | (labels >= classes)]
+        if outside.size:
+            raise ValueError(f"labels must be class indices in [0, {classes}) of the model's {classes} logits; "
+                             f"{outside.size} of {num_images} are outside, e.g. {sorted(set(outside.tolist()))[:5]}")
+    return labels
+
+
 def quantize(
     model: nn.Module,
     variables: Any,
@@ -441,9 +457,7 @@ def quantize(
     variables = prep.variables
     layers, images = prep.layers, prep.images
     if labels is not None:
-        labels = np.asarray(labels)
-        if labels.shape != (images.shape[0],):
-            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+        labels = _checked_labels(labels, images.shape[0], prep.fp_outputs, config.output)
     unknown = sorted(set(dict(config.fixed_layers)) - {l.path for l in layers})
     if unknown:
         raise ValueError(f"fixed_layers names unknown layer path(s) {unknown[:5]}")

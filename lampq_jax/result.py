@@ -126,6 +126,18 @@ def _model_config(model: nn.Module) -> Optional[dict[str, Any]]:
     return fields
 
 
+def _read_json(folder: Path, name: str) -> dict:
+    """The JSON object in folder/name, or a ValueError naming the file when it is not one."""
+    try:
+        data = json.loads((folder / name).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{folder / name} is not valid JSON ({err}); {folder} is not a valid saved result") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{folder / name} holds a {type(data).__name__}, not an object; {folder} is not a valid "
+                         "saved result")
+    return data
+
+
 def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None) -> QuantizationResult:
     """Reloads a saved result; its `apply` gives outputs identical to the saved one's.
 
@@ -137,7 +149,7 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
     for name in ("allocation.json", "report.json", "arrays.npz"):
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not a saved result: {name} is missing")
-    allocation = json.loads((folder / "allocation.json").read_text())
+    allocation = _read_json(folder, "allocation.json")
     if allocation.get("format") != RESULT_FORMAT:
         raise ValueError(f"{folder}: unsupported result format {allocation.get('format')!r}")
     if model is None:
@@ -146,7 +158,7 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
         config = dict(allocation["model"])
         config["patch_size"] = tuple(config["patch_size"])
         model = ViT(**config)
-    stored = json.loads((folder / "report.json").read_text())
+    stored = _read_json(folder, "report.json")
     with np.load(folder / "arrays.npz") as npz:
         variables = unflatten_dict({k[len("variables/"):]: npz[k] for k in npz.files if k.startswith("variables/")},
                                    sep="/")

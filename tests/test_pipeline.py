@@ -63,6 +63,16 @@ def test_save_and_reload_identical(tmp_path, tiny_setup, lampq_result):
         lampq_result.save(folder)
 
 
+def test_corrupted_saved_result_named(tmp_path, lampq_result):
+    folder = lampq_result.save(tmp_path / "run")
+    (folder / "allocation.json").write_text('{"format": 1, "bits": ')
+    with pytest.raises(ValueError, match=r"allocation.json is not valid JSON .*is not a valid saved result"):
+        lampq_jax.load_result(folder)
+    (folder / "allocation.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="allocation.json holds a list, not an object"):
+        lampq_jax.load_result(folder)
+
+
 def test_failed_save_leaves_nothing(tmp_path, monkeypatch, lampq_result):
     def broken(*args, **kwargs):
         raise OSError("disk full")
@@ -88,6 +98,18 @@ def test_bad_calibration_data(tiny_setup):
         lampq_jax.quantize(model, variables, bad, budget=4.0)
     with pytest.raises(ValueError, match="empty"):
         lampq_jax.quantize(model, variables, images[:0], budget=4.0)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0, 1, 10, -1]), r"in \[0, 10\) of the model's 10 logits; 2 of 4 are outside, e.g. \[-1, 10\]"),
+    (np.array([0.0, 1.0, 2.0, 3.0]), "integer class indices, got dtype float64"),
+    (np.array([0, 1, 2]), r"labels must have shape \(4,\), got \(3,\)"),
+])
+def test_bad_labels_fail_before_the_ilp(tiny_setup, labels, message):
+    model, variables, images = tiny_setup
+    with pytest.raises(ValueError, match=message):
+        lampq_jax.quantize(model, variables, images[:4], budget=4.0, labels=labels,
+                           config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"))
 
 
 def test_module_granularity_fixed_layers_and_bops(tiny_setup):
