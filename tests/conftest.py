@@ -1,3 +1,5 @@
+import functools
+
 import jax
 import pytest
 
@@ -20,9 +22,15 @@ def randomize_head(variables, seed: int = 3, scale: float = 0.3):
     return jax.tree_util.tree_map_with_path(fill, variables)
 
 
-@pytest.fixture(scope="session")
-def tiny_setup():
+@functools.lru_cache(maxsize=1)
+def tiny_setup_values():
+    """(model, variables, images [16, 28, 28, 1]) of `tiny_vit`, built once per process."""
     model = tiny_vit()
     images = jax.random.normal(jax.random.key(1), (16, 28, 28, 1))
     variables = randomize_head(model.init(jax.random.key(0), images[:1]))
     return model, variables, images
+
+
+@pytest.fixture(scope="session")
+def tiny_setup():
+    return tiny_setup_values()

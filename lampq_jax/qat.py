@@ -1,0 +1,212 @@
+"""Quantization-aware fine-tuning after allocation, in optax's style: init, loss, step, back to a result.
+
+The bits, the weights' grids (per-channel scale and zero point) and the activation ranges of a
+`QuantizationResult` stay fixed; its float weights are trained through the fake-quantized model with
+straight-through gradients:
+
+    state = qat_init(result, optimizer)                       # params = the result's weights
+    step = jax.jit(qat_step(result, optimizer))               # pure: (state, images, targets) -> (state, loss)
+    for images in batches:
+        state, loss = step(state, images, teacher(images))    # targets: the FP model's outputs
+    tuned = qat_result(result, state)                         # a QuantizationResult like any other
+
+The default loss is distillation: J(f_Q(x), f_FP(x)) with the calibration objectives of
+`sensitivity.objective` (KL for logits, 1 − cos for features); any `fn(q_out, targets, labels) -> scalar`
+with the user's labels works too. The training starts at the PTQ point: the result's weights are
+already on their grids, so step 0's model is the PTQ model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels
+from lampq_jax.apply.model import QuantizedModel
+from lampq_jax.export import grid_codes, kernel_matrix
+from lampq_jax.quant import UniformParams, fake_quant, fake_quant_ste
+from lampq_jax.result import QuantizationResult
+from lampq_jax.sensitivity.objective import resolve_objective
+
+Loss = Callable[[jax.Array, jax.Array, Optional[jax.Array]], jax.Array]
+
+
+class QATState(NamedTuple):
+    """What a QAT step updates: the float weights, the optimizer's state and the step count."""
+
+    params: Any
+    opt_state: optax.OptState
+    step: jax.Array
+
+
+def result_output(result: QuantizationResult) -> str:
+    """'logits' or 'features': what the result's model returns (its config; 'logits' when not recorded)."""
+    return str(result.report.get("config", {}).get("output", "logits"))
+
+
+def qat_init(result: QuantizationResult, optimizer: optax.GradientTransformation) -> QATState:
+    """The state at the PTQ point: the result's (already on-grid) weights and a fresh optimizer state."""
+    params = result.quantized.variables["params"]
+    return QATState(params=params, opt_state=optimizer.init(params), step=jnp.zeros([], jnp.int32))
+
+
+def weight_grids(result: QuantizationResult) -> dict[str, UniformParams]:
+    """{layer path: UniformParams} of each kernel's per-output-channel grid, broadcastable against the kernel.
+
+    The result's kernels lie on their grids (PTQ's clipping search or GPTQ chose them); the grids are read
+    back from the kernels (`export.grid_codes`) and stay fixed while the weights train, so that
+    fake-quantizing a result's own kernel on its grid gives it back exactly.
+    """
+    q = result.quantized
+    kernels = layer_kernels(q.variables, list(q.bits))
+    out_axes = {l.path: tuple(a % kernels[l.path].ndim for a in l.out_axes) for l in q.layers if l.path in kernels}
+    grids = {}
+    for path, (wb, _) in q.bits.items():
+        kernel, out = kernels[path], out_axes[path]
+        _, scale, zero_point = grid_codes(kernel_matrix(kernel, out)[0], wb, name=path)
+        grids[path] = UniformParams(*(_channels_as_kernel(v, kernel.shape, out) for v in (scale, zero_point)))
+    return grids
+
+
+def _channels_as_kernel(values: np.ndarray, shape: tuple[int, ...], out_axes: tuple[int, ...]) -> jax.Array:
+    """values [N] of the output channels (in `out_axes` order) reshaped to broadcast against a kernel `shape`."""
+    v = values.reshape([shape[a] for a in out_axes]).transpose(np.argsort(out_axes))
+    return jnp.asarray(v.reshape([shape[a] if a in out_axes else 1 for a in range(len(shape))]), jnp.float32)
+
+
+def quantize_on_grids(params: Any, grids: dict[str, UniformParams], bits: dict[str, tuple[int, int]], *,
+                      ste: bool) -> Any:
+    """`params` with each kernel of `grids` fake-quantized on its fixed grid (straight-through when `ste`)."""
+    kernels = layer_kernels({"params": params}, list(grids))
+    quant = fake_quant_ste if ste else fake_quant
+    return with_kernels({"params": params}, {p: quant(k, grids[p], bits[p][0]) for p, k in kernels.items()})["params"]
+
+
+def student_apply(result: QuantizationResult, grids: Optional[dict[str, UniformParams]] = None,
+                  **apply_kwargs: Any) -> Callable[[Any, jax.Array], jax.Array]:
+    """`fn(params, images) -> outputs`: the result's fake-quantized model with straight-through gradients.
+
+    Weights are fake-quantized on their fixed PTQ grids (`weight_grids`) inside every call, activations
+    with the result's calibrated ranges and bits; gradients pass the rounding (clipped STE).
+    """
+    q = result.quantized
+    grids = weight_grids(result) if grids is None else grids
+    kwargs = {**q.apply_kwargs, **apply_kwargs}
+    others = {k: v for k, v in dict(q.variables).items() if k != "params"}
+    interceptor = activation_interceptor(q.spec, q.act_params, ste=True)
+
+    def fn(params, images):
+        qparams = quantize_on_grids(params, grids, q.bits, ste=True)
+        with nn.intercept_methods(interceptor):
+            return q.model.apply({**others, "params": qparams}, images, **kwargs)
+
+    return fn
+
+
+def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, labels_given: bool = False,
+             grids: Optional[dict[str, UniformParams]] = None, **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
+    """`fn(params, images, targets, labels) -> scalar`: `loss` of the quantized outputs against `targets`.
+
+    `loss`: None (distillation to the FP outputs: 'kl' for logits, 'cosine' for features; 'cross_entropy'
+    with labels), a name of `sensitivity.objective`, or `fn(q_out, targets, labels) -> scalar`.
+    """
+    objective = resolve_objective(loss, labels_given=labels_given, output=result_output(result))
+    forward = student_apply(result, grids, **apply_kwargs)
+
+    def fn(params, images, targets, labels=None):
+        return objective(forward(params, images), targets, labels)
+
+    return fn
+
+
+def qat_step(result: QuantizationResult, optimizer: optax.GradientTransformation, loss: Optional[Loss | str] = None,
+             *, labels_given: bool = False, grids: Optional[dict[str, UniformParams]] = None, **apply_kwargs: Any):
+    """A pure step `(state, images, targets, labels=None) -> (state, loss)`; jit it (or not) where you call it.
+
+    images [B, ...], targets the FP model's outputs on them [B, ...] (or anything `loss` compares with),
+    labels [B] or None.
+    """
+    loss_fn = qat_loss(result, loss, labels_given=labels_given, grids=grids, **apply_kwargs)
+
+    def step(state: QATState, images, targets, labels=None) -> tuple[QATState, jax.Array]:
+        value, grads = jax.value_and_grad(loss_fn)(state.params, images, targets, labels)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return QATState(params, opt_state, state.step + 1), value
+
+    return step
+
+
+def qat_result(result: QuantizationResult, state: QATState, *, record: Optional[dict] = None,
+               grids: Optional[dict[str, UniformParams]] = None) -> QuantizationResult:
+    """A `QuantizationResult` with the trained weights fake-quantized on their grids (same bits, same ranges).
+
+    It saves, exports and evaluates like any other; `report['qat']` holds `record` (steps, optimizer, …).
+    """
+    q = result.quantized
+    grids = weight_grids(result) if grids is None else grids
+    params = quantize_on_grids(state.params, grids, q.bits, ste=False)
+    quantized = QuantizedModel(q.model, q.layers, q.spec, {**dict(q.variables), "params": params}, q.act_params,
+                               dict(q.apply_kwargs))
+    report = {**result.report, "qat": {"steps": int(state.step), **(record or {})}}
+    return dataclasses.replace(result, quantized=quantized, method=f"{result.method}+qat", report=report,
+                               synthetic_images=result.synthetic_images)
+
+
+def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, steps: int, batch_size: int = 32,
+             optimizer: Optional[optax.GradientTransformation] = None, learning_rate: float = 1e-4,
+             labels: Optional[Any] = None, loss: Optional[Loss | str] = None, seed: int = 0,
+             progress: bool = True, **apply_kwargs: Any) -> QuantizationResult:
+    """QAT by distillation to the FP model (`fp_variables`) on `images` [N, ...]: the loop around `qat_step`.
+
+    Each step draws a minibatch of `batch_size` images (without replacement within an epoch, seeded).
+    The default optimizer is `optax.adam(learning_rate)`.
+
+    Raises:
+      ValueError: steps or batch_size < 1, empty or non-finite images, labels of the wrong shape, named.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    images = np.asarray(images)
+    if images.ndim == 0 or images.shape[0] == 0:
+        raise ValueError(f"images must be a non-empty batch [N, ...], got shape {images.shape}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"images hold NaN/Inf ({int(np.sum(~np.isfinite(images)))} values)")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels must have shape ({images.shape[0]},), got {labels.shape}")
+    optimizer_name = "user optimizer" if optimizer is not None else f"optax.adam({learning_rate:g})"
+    optimizer = optimizer or optax.adam(learning_rate)
+    q = result.quantized
+    kwargs = {**q.apply_kwargs, **apply_kwargs}
+    teacher = jax.jit(lambda x: q.model.apply(fp_variables, x, **kwargs))
+    targets = np.concatenate([np.asarray(teacher(images[i:i + 256])) for i in range(0, len(images), 256)])
+    grids = weight_grids(result)
+    step = jax.jit(qat_step(result, optimizer, loss, labels_given=labels is not None, grids=grids, **apply_kwargs))
+    state = qat_init(result, optimizer)
+    batch = min(batch_size, len(images))
+    order, rng, losses = np.zeros(0, int), np.random.default_rng(seed), []
+    start = time.perf_counter()
+    for k in tqdm(range(steps), desc="QAT", disable=not progress, leave=False):
+        if len(order) < batch:
+            order = np.concatenate([order, rng.permutation(len(images))])
+        pick, order = order[:batch], order[batch:]
+        state, value = step(state, images[pick], targets[pick], None if labels is None else labels[pick])
+        losses.append(float(value))
+        if not np.isfinite(losses[-1]):
+            raise ValueError(f"QAT loss became {losses[-1]} at step {k}; lower the learning rate")
+    record = {"batch_size": batch, "optimizer": optimizer_name,
+              "seconds": time.perf_counter() - start, "loss_first": losses[0], "loss_last": losses[-1],
+              "images": int(len(images))}
+    return qat_result(result, state, record=record, grids=grids)
