@@ -181,6 +181,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from lampq_jax.data.embedded import load_embedded_model, load_embedded_subset
     from lampq_jax.report import accuracy
 
+    _check_finetune_options(args)
     model, variables, config = load_embedded_model()
     data = load_embedded_subset()
     calib = data["calib_images"][: args.num_calib]
@@ -204,6 +205,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     lampq_acc = accuracy(result.apply, test_x, test_y)
     rows.append(_row(f"LampQ {args.budget:g}MP/{args.budget:g}MP", lampq_acc, result.report,
                      time.perf_counter() - start, fp_bytes))
+    if args.finetune_steps:
+        start = time.perf_counter()
+        result = _finetune(args, result, variables, data["calib_images"], {"train": False})
+        rows.append(_row(f"LampQ + QAT ({args.finetune_steps} steps, {len(data['calib_images'])} images)",
+                         accuracy(result.apply, test_x, test_y), result.report, time.perf_counter() - start,
+                         fp_bytes))
     print()
     _print_table(rows)
     with _Staging(Path(args.out), overwrite=True) as folder:
@@ -332,6 +339,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     apply_kwargs = _apply_kwargs(args)
     config = _config(args)
     zero_shot = _zero_shot_config(args)
+    _check_finetune_options(args)
     images = labels = None
     if zero_shot is None:
         images, labels, preprocessing = load_calibration(args.calib, image_size=args.image_size,
@@ -348,6 +356,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
                                     objective=args.objective, config=config, rules=rules, zero_shot=zero_shot,
                                     **apply_kwargs)
         result.report["preprocessing"] = preprocessing
+        if args.finetune_steps:
+            result = _finetune(args, result, variables, images if zero_shot is None else result.synthetic_images,
+                               apply_kwargs)
         _write_outputs(folder, result, ())
     print(f"calibration: {preprocessing}")
     for line in coverage_lines(result.report["coverage"]):
@@ -358,6 +369,25 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     extra = ", zero_shot_images.npz, zero_shot_images.png" if zero_shot is not None else ""
     print(f"wrote {args.out}/allocation.json, report.md, bits.png{extra}, result/")
     return 0
+
+
+def _check_finetune_options(args: argparse.Namespace) -> None:
+    """Fails before any work when a --finetune-* option is out of range."""
+    if args.finetune_steps < 0 or args.finetune_batch < 1 or not args.finetune_lr > 0:
+        raise ValueError(f"--finetune-steps must be >= 0, --finetune-batch >= 1 and --finetune-lr > 0; got "
+                         f"{args.finetune_steps}, {args.finetune_batch} and {args.finetune_lr}")
+
+
+def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs: dict):
+    """`qat.finetune` of `result` with the --finetune-* options, distilling from the FP `variables`."""
+    from lampq_jax.qat import finetune
+
+    tuned = finetune(result, variables, images, steps=args.finetune_steps, batch_size=args.finetune_batch,
+                     learning_rate=args.finetune_lr, seed=args.seed, progress=not args.no_progress, **apply_kwargs)
+    qat = tuned.report["qat"]
+    print(f"QAT: {qat['steps']} steps of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, "
+          f"loss {qat['loss_first']:.4g} -> {qat['loss_last']:.4g} in {qat['seconds']:.1f} s")
+    return tuned
 
 
 def _zero_shot_config(args: argparse.Namespace):
@@ -412,6 +442,11 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-metric-check", action="store_true")
+    p.add_argument("--finetune-steps", type=int, default=0,
+                   help="quantization-aware fine-tuning after allocation: Adam steps of distillation to the FP "
+                        "model on the calibration images (default 0: none)")
+    p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of the fine-tuning")
+    p.add_argument("--finetune-batch", type=int, default=32, help="images per fine-tuning step")
 
 
 def _add_model_fn_options(p: argparse.ArgumentParser, *, config_help: str) -> None:

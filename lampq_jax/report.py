@@ -83,6 +83,17 @@ def zero_shot_markdown(settings: dict) -> list[str]:
             "![synthesized calibration images](zero_shot_images.png)", ""]
 
 
+def qat_markdown(qat: dict) -> list[str]:
+    """The 'Quantization-aware fine-tuning' section: steps, optimizer, data, loss before and after."""
+    line = f"{qat['steps']} steps"
+    if "optimizer" in qat:
+        line += (f" of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, distillation loss "
+                 f"{qat['loss_first']:.4g} → {qat['loss_last']:.4g}, {qat['seconds']:.1f} s")
+    return ["## Quantization-aware fine-tuning", "",
+            f"After allocation, the weights were fine-tuned on their fixed grids with straight-through gradients "
+            f"(`lampq_jax.qat`): {line}. Bits and activation ranges are unchanged.", ""]
+
+
 def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[Any]] = ()) -> str:
     """The run's report (METHOD.md §9): summary, what was quantized, per-layer table, iterations, timings."""
     r = result.report
@@ -108,6 +119,8 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
     parts += ["", *coverage_markdown(result)]
     if "zero_shot" in r:
         parts += zero_shot_markdown(r["zero_shot"])
+    if "qat" in r:
+        parts += qat_markdown(r["qat"])
     if "alpha" in r:
         cands = list(r["layers"][0]["omega"]) if r["layers"] else []
         rows = [[short_path(l["path"]), l["type"], f"{l['num_weights']:,}", f"{l['macs']:,}",

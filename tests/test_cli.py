@@ -76,6 +76,18 @@ def test_malformed_calibration_file(files, tmp_path, capsys):
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_finetune_after_lampq(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(files, out, "--finetune-steps", "3", "--finetune-batch", "4", "--finetune-lr", "1e-3")) == 0
+    assert "QAT: 3 steps of optax.adam(0.001), batch 4 of 8 images" in capsys.readouterr().out
+    assert "## Quantization-aware fine-tuning" in (out / "report.md").read_text()
+    saved = json.loads((out / "result" / "allocation.json").read_text())
+    assert saved["method"] == "lampq+qat"
+    assert main(args(files, tmp_path / "bad", "--finetune-steps", "3", "--finetune-batch", "0")) == 2
+    assert "--finetune-batch >= 1" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def zero_shot_args(files, out, *extra):
     return ["quantize", "--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json"),
             "--out", str(out), *FAST, *extra]

@@ -1,4 +1,5 @@
 import functools
+from pathlib import Path
 
 import chex
 import jax
@@ -124,3 +125,19 @@ def test_finetune_bad_input_named(tiny_setup, ptq, kwargs, message):
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN/Inf"):
         finetune(ptq, variables, bad, steps=1, progress=False)
+
+
+def readme_snippet(marker: str) -> str:
+    """The ```python block that follows `<!-- marker -->` in README.md."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = text.split(f"<!-- {marker} -->", 1)[1]
+    return block.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_qat_example_runs_and_lowers_the_distillation_loss():
+    namespace: dict = {}
+    exec(compile(readme_snippet("readme-qat-example"), "README.md", "exec"), namespace)
+    result, tuned, images = namespace["result"], namespace["tuned"], namespace["images"]
+    assert tuned.bits == result.bits and int(namespace["state"].step) == 16
+    fp = namespace["teacher"](images)
+    assert float(kl(tuned.apply(images, train=False), fp)) < float(kl(result.apply(images, train=False), fp))
