@@ -56,7 +56,7 @@ class ZeroShotConfig:
     lr: float = 0.1
     entropy_weight: float = 1.0
     ce_weight: float = 1.0
-    tv_weight: float = 0.05
+    tv_weight: float = 1.0
     jitter: int = 2
     flip: bool = True
     pixel_range: Optional[tuple[float, float]] = None
@@ -198,7 +198,7 @@ def synthesize_calibration(
     lr: float = 0.1,
     entropy_weight: float = 1.0,
     ce_weight: float = 1.0,
-    tv_weight: float = 0.05,
+    tv_weight: float = 1.0,
     jitter: int = 2,
     flip: bool = True,
     pixel_range: Optional[tuple[float, float]] = None,
