@@ -207,7 +207,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
                      time.perf_counter() - start, fp_bytes))
     if args.finetune_steps:
         start = time.perf_counter()
-        result = _finetune(args, result, variables, data["calib_images"], {"train": False})
+        result = _finetune(args, result, variables, data["calib_images"], {"train": False},
+                           validation=data["val_images"][:500])
         rows.append(_row(f"LampQ + QAT ({args.finetune_steps} steps, {len(data['calib_images'])} images)",
                          accuracy(result.apply, test_x, test_y), result.report, time.perf_counter() - start,
                          fp_bytes))
@@ -378,12 +379,15 @@ def _check_finetune_options(args: argparse.Namespace) -> None:
                          f"{args.finetune_steps}, {args.finetune_batch} and {args.finetune_lr}")
 
 
-def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs: dict):
-    """`qat.finetune` of `result` with the --finetune-* options, distilling from the FP `variables`."""
+def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs: dict, validation=None):
+    """`qat.finetune` of `result` with the --finetune-* options, distilling from the FP `variables`
+    (keeping the best step on `validation` images when given)."""
     from lampq_jax.qat import finetune
 
     tuned = finetune(result, variables, images, steps=args.finetune_steps, batch_size=args.finetune_batch,
-                     learning_rate=args.finetune_lr, seed=args.seed, progress=not args.no_progress, **apply_kwargs)
+                     learning_rate=args.finetune_lr, output=getattr(args, "output", None), validation=validation,
+                     seed=args.seed,
+                     progress=not args.no_progress, **apply_kwargs)
     qat = tuned.report["qat"]
     print(f"QAT: {qat['steps']} steps of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, "
           f"loss {qat['loss_first']:.4g} -> {qat['loss_last']:.4g} in {qat['seconds']:.1f} s")

@@ -47,8 +47,13 @@ class QATState(NamedTuple):
     step: jax.Array
 
 
-def result_output(result: QuantizationResult) -> str:
-    """'logits' or 'features': what the result's model returns (its config; 'logits' when not recorded)."""
+def result_output(result: QuantizationResult, output: Optional[str] = None) -> str:
+    """'logits' or 'features': `output` if given, else the result's config (`quantize_uniform` records none:
+    'logits')."""
+    if output is not None:
+        if output not in ("logits", "features"):
+            raise ValueError(f"output must be 'logits' or 'features', got {output!r}")
+        return output
     return str(result.report.get("config", {}).get("output", "logits"))
 
 
@@ -112,13 +117,14 @@ def student_apply(result: QuantizationResult, grids: Optional[dict[str, UniformP
 
 
 def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, labels_given: bool = False,
-             grids: Optional[dict[str, UniformParams]] = None, **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
+             grids: Optional[dict[str, UniformParams]] = None, output: Optional[str] = None, **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
     """`fn(params, images, targets, labels) -> scalar`: `loss` of the quantized outputs against `targets`.
 
     `loss`: None (distillation to the FP outputs: 'kl' for logits, 'cosine' for features; 'cross_entropy'
     with labels), a name of `sensitivity.objective`, or `fn(q_out, targets, labels) -> scalar`.
+    `output`: 'logits' or 'features', for the default loss; None: the result's (`result_output`).
     """
-    objective = resolve_objective(loss, labels_given=labels_given, output=result_output(result))
+    objective = resolve_objective(loss, labels_given=labels_given, output=result_output(result, output))
     forward = student_apply(result, grids, **apply_kwargs)
 
     def fn(params, images, targets, labels=None):
@@ -128,13 +134,14 @@ def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, l
 
 
 def qat_step(result: QuantizationResult, optimizer: optax.GradientTransformation, loss: Optional[Loss | str] = None,
-             *, labels_given: bool = False, grids: Optional[dict[str, UniformParams]] = None, **apply_kwargs: Any):
+             *, labels_given: bool = False, grids: Optional[dict[str, UniformParams]] = None,
+             output: Optional[str] = None, **apply_kwargs: Any):
     """A pure step `(state, images, targets, labels=None) -> (state, loss)`; jit it (or not) where you call it.
 
     images [B, ...], targets the FP model's outputs on them [B, ...] (or anything `loss` compares with),
     labels [B] or None.
     """
-    loss_fn = qat_loss(result, loss, labels_given=labels_given, grids=grids, **apply_kwargs)
+    loss_fn = qat_loss(result, loss, labels_given=labels_given, grids=grids, output=output, **apply_kwargs)
 
     def step(state: QATState, images, targets, labels=None) -> tuple[QATState, jax.Array]:
         value, grads = jax.value_and_grad(loss_fn)(state.params, images, targets, labels)
@@ -163,25 +170,28 @@ def qat_result(result: QuantizationResult, state: QATState, *, record: Optional[
 
 def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, steps: int, batch_size: int = 32,
              optimizer: Optional[optax.GradientTransformation] = None, learning_rate: float = 1e-4,
-             labels: Optional[Any] = None, loss: Optional[Loss | str] = None, seed: int = 0,
-             progress: bool = True, **apply_kwargs: Any) -> QuantizationResult:
+             labels: Optional[Any] = None, loss: Optional[Loss | str] = None, output: Optional[str] = None,
+             validation: Optional[Any] = None, eval_every: int = 50, seed: int = 0, progress: bool = True,
+             **apply_kwargs: Any) -> QuantizationResult:
     """QAT by distillation to the FP model (`fp_variables`) on `images` [N, ...]: the loop around `qat_step`.
 
     Each step draws a minibatch of `batch_size` images (without replacement within an epoch, seeded).
-    The default optimizer is `optax.adam(learning_rate)`.
+    The default optimizer is `optax.adam(learning_rate)`; `loss` and `output` as in `qat_loss`.
+    With `validation` images [M, ...], the distillation loss on them is measured at step 0 (the PTQ
+    point), every `eval_every` steps and at the end, and the weights with the lowest one are kept, so
+    fine-tuning that does not help returns the PTQ weights.
 
     Raises:
-      ValueError: steps or batch_size < 1, empty or non-finite images, labels of the wrong shape, named.
+      ValueError: steps, batch_size or eval_every < 1, empty or non-finite images, labels of the wrong
+        shape, named.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    images = np.asarray(images)
-    if images.ndim == 0 or images.shape[0] == 0:
-        raise ValueError(f"images must be a non-empty batch [N, ...], got shape {images.shape}")
-    if not np.all(np.isfinite(images)):
-        raise ValueError(f"images hold NaN/Inf ({int(np.sum(~np.isfinite(images)))} values)")
+    for name, value in (("batch_size", batch_size), ("eval_every", eval_every)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    images = _checked_images(images, "images")
+    validation = None if validation is None else _checked_images(validation, "validation")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (images.shape[0],):
@@ -191,10 +201,23 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
     q = result.quantized
     kwargs = {**q.apply_kwargs, **apply_kwargs}
     teacher = jax.jit(lambda x: q.model.apply(fp_variables, x, **kwargs))
-    targets = np.concatenate([np.asarray(teacher(images[i:i + 256])) for i in range(0, len(images), 256)])
+    targets = _batched(teacher, images)
     grids = weight_grids(result)
-    step = jax.jit(qat_step(result, optimizer, loss, labels_given=labels is not None, grids=grids, **apply_kwargs))
+    step = jax.jit(qat_step(result, optimizer, loss, labels_given=labels is not None, grids=grids, output=output,
+                            **apply_kwargs))
     state = qat_init(result, optimizer)
+    if validation is not None:
+        val_loss = jax.jit(qat_loss(result, grids=grids, output=output, **apply_kwargs))
+        val_targets = _batched(teacher, validation)
+
+        def validate(params) -> float:
+            sizes = [len(validation[i:i + 256]) for i in range(0, len(validation), 256)]
+            values = [float(val_loss(params, validation[i:i + 256], val_targets[i:i + 256]))
+                      for i in range(0, len(validation), 256)]
+            return float(np.average(values, weights=sizes))
+
+        best = {"step": 0, "loss": validate(state.params), "params": state.params}
+        val_history = [(0, best["loss"])]
     batch = min(batch_size, len(images))
     order, rng, losses = np.zeros(0, int), np.random.default_rng(seed), []
     start = time.perf_counter()
@@ -206,7 +229,28 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
         losses.append(float(value))
         if not np.isfinite(losses[-1]):
             raise ValueError(f"QAT loss became {losses[-1]} at step {k}; lower the learning rate")
+        if validation is not None and ((k + 1) % eval_every == 0 or k + 1 == steps):
+            val_history.append((k + 1, validate(state.params)))
+            if val_history[-1][1] < best["loss"]:
+                best = {"step": k + 1, "loss": val_history[-1][1], "params": state.params}
     record = {"batch_size": batch, "optimizer": optimizer_name,
               "seconds": time.perf_counter() - start, "loss_first": losses[0], "loss_last": losses[-1],
               "images": int(len(images))}
+    if validation is not None:
+        record.update(validation_images=int(len(validation)), best_step=best["step"],
+                      validation_loss=[[s, v] for s, v in val_history])
+        state = state._replace(params=best["params"])
     return qat_result(result, state, record=record, grids=grids)
+
+
+def _checked_images(images: Any, name: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.ndim == 0 or images.shape[0] == 0:
+        raise ValueError(f"{name} must be a non-empty batch [N, ...], got shape {images.shape}")
+    if not np.all(np.isfinite(images)):
+        raise ValueError(f"{name} hold NaN/Inf ({int(np.sum(~np.isfinite(images)))} values)")
+    return images
+
+
+def _batched(fn: Callable[[Any], Any], images: np.ndarray, batch: int = 256) -> np.ndarray:
+    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])

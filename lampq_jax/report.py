@@ -89,6 +89,9 @@ def qat_markdown(qat: dict) -> list[str]:
     if "optimizer" in qat:
         line += (f" of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, distillation loss "
                  f"{qat['loss_first']:.4g} → {qat['loss_last']:.4g}, {qat['seconds']:.1f} s")
+    if "best_step" in qat:
+        line += (f"; kept the weights of step {qat['best_step']} (lowest distillation loss on "
+                 f"{qat['validation_images']} validation images; step 0 is the PTQ model)")
     return ["## Quantization-aware fine-tuning", "",
             f"After allocation, the weights were fine-tuned on their fixed grids with straight-through gradients "
             f"(`lampq_jax.qat`): {line}. Bits and activation ranges are unchanged.", ""]

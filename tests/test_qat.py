@@ -95,6 +95,19 @@ def test_finetune_result_saves_and_reloads(tmp_path, tiny_setup, ptq):
     assert set(tuned.export()) == set(ptq.bits)
 
 
+def test_validation_keeps_the_ptq_weights_when_training_hurts(tiny_setup, ptq):
+    _, variables, images = tiny_setup
+    tuned = finetune(ptq, variables, images[:8], steps=6, batch_size=8, learning_rate=0.5, validation=images[8:],
+                     eval_every=2, progress=False)
+    qat = tuned.report["qat"]
+    assert [s for s, _ in qat["validation_loss"]] == [0, 2, 4, 6]
+    assert qat["best_step"] == 0 and min(v for _, v in qat["validation_loss"][1:]) > qat["validation_loss"][0][1]
+    np.testing.assert_allclose(tuned.apply(images), ptq.apply(images), atol=1e-6)
+    helpful = finetune(ptq, variables, images, steps=6, batch_size=16, learning_rate=3e-3, validation=images,
+                       eval_every=3, progress=False)
+    assert helpful.report["qat"]["best_step"] > 0
+
+
 def test_trained_weights_stay_on_their_grids(tiny_setup, ptq):
     model, variables, images = tiny_setup
     optimizer = optax.adam(1e-2)
@@ -115,6 +128,7 @@ def test_trained_weights_stay_on_their_grids(tiny_setup, ptq):
 @pytest.mark.parametrize("kwargs, message", [
     (dict(steps=0), "steps must be an integer >= 1, got 0"),
     (dict(steps=2, batch_size=0), "batch_size must be an integer >= 1, got 0"),
+    (dict(steps=2, eval_every=0), "eval_every must be an integer >= 1, got 0"),
     (dict(steps=2, labels=np.zeros(3, int)), r"labels must have shape \(16,\), got \(3,\)"),
 ])
 def test_finetune_bad_input_named(tiny_setup, ptq, kwargs, message):
