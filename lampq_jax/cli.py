@@ -386,8 +386,7 @@ def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs:
 
     tuned = finetune(result, variables, images, steps=args.finetune_steps, batch_size=args.finetune_batch,
                      learning_rate=args.finetune_lr, output=getattr(args, "output", None), validation=validation,
-                     seed=args.seed,
-                     progress=not args.no_progress, **apply_kwargs)
+                     seed=args.seed, progress=not args.no_progress, **apply_kwargs)
     qat = tuned.report["qat"]
     print(f"QAT: {qat['steps']} steps of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, "
           f"loss {qat['loss_first']:.4g} -> {qat['loss_last']:.4g} in {qat['seconds']:.1f} s")

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from lampq_jax.apply.calibration import batches, check_images
 from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.export import grid_codes, kernel_matrix
@@ -117,7 +118,8 @@ def student_apply(result: QuantizationResult, grids: Optional[dict[str, UniformP
 
 
 def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, labels_given: bool = False,
-             grids: Optional[dict[str, UniformParams]] = None, output: Optional[str] = None, **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
+             grids: Optional[dict[str, UniformParams]] = None, output: Optional[str] = None,
+             **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
     """`fn(params, images, targets, labels) -> scalar`: `loss` of the quantized outputs against `targets`.
 
     `loss`: None (distillation to the FP outputs: 'kl' for logits, 'cosine' for features; 'cross_entropy'
@@ -164,8 +166,7 @@ def qat_result(result: QuantizationResult, state: QATState, *, record: Optional[
     quantized = QuantizedModel(q.model, q.layers, q.spec, {**dict(q.variables), "params": params}, q.act_params,
                                dict(q.apply_kwargs))
     report = {**result.report, "qat": {"steps": int(state.step), **(record or {})}}
-    return dataclasses.replace(result, quantized=quantized, method=f"{result.method}+qat", report=report,
-                               synthetic_images=result.synthetic_images)
+    return dataclasses.replace(result, quantized=quantized, method=f"{result.method}+qat", report=report)
 
 
 def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, steps: int, batch_size: int = 32,
@@ -182,16 +183,16 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
     fine-tuning that does not help returns the PTQ weights.
 
     Raises:
-      ValueError: steps, batch_size or eval_every < 1, empty or non-finite images, labels of the wrong
-        shape, named.
+      ValueError: steps, batch_size or eval_every < 1, empty or non-finite images (`check_images`), labels
+        of the wrong shape, named.
     """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     for name, value in (("batch_size", batch_size), ("eval_every", eval_every)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    images = _checked_images(images, "images")
-    validation = None if validation is None else _checked_images(validation, "validation")
+    images = check_images(images, "images")
+    validation = None if validation is None else check_images(validation, "validation images")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (images.shape[0],):
@@ -207,14 +208,12 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
                             **apply_kwargs))
     state = qat_init(result, optimizer)
     if validation is not None:
-        val_loss = jax.jit(qat_loss(result, grids=grids, output=output, **apply_kwargs))
+        forward = jax.jit(student_apply(result, grids, **apply_kwargs))
+        distillation = resolve_objective(None, labels_given=False, output=result_output(result, output))
         val_targets = _batched(teacher, validation)
 
         def validate(params) -> float:
-            sizes = [len(validation[i:i + 256]) for i in range(0, len(validation), 256)]
-            values = [float(val_loss(params, validation[i:i + 256], val_targets[i:i + 256]))
-                      for i in range(0, len(validation), 256)]
-            return float(np.average(values, weights=sizes))
+            return float(distillation(_batched(lambda x: forward(params, x), validation), val_targets, None))
 
         best = {"step": 0, "loss": validate(state.params), "params": state.params}
         val_history = [(0, best["loss"])]
@@ -243,14 +242,6 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
     return qat_result(result, state, record=record, grids=grids)
 
 
-def _checked_images(images: Any, name: str) -> np.ndarray:
-    images = np.asarray(images)
-    if images.ndim == 0 or images.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch [N, ...], got shape {images.shape}")
-    if not np.all(np.isfinite(images)):
-        raise ValueError(f"{name} hold NaN/Inf ({int(np.sum(~np.isfinite(images)))} values)")
-    return images
-
-
-def _batched(fn: Callable[[Any], Any], images: np.ndarray, batch: int = 256) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
+def _batched(fn: Callable[[Any], Any], images: np.ndarray) -> np.ndarray:
+    """fn's outputs on `images`, 256 at a time, concatenated on the host."""
+    return np.concatenate([np.asarray(fn(b)) for b in batches(images, 256)])
