@@ -21,17 +21,17 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_section  # noqa: E402
+from common import batched, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
-from lampq_jax.data.embedded import load_embedded_config, load_embedded_model, load_embedded_subset  # noqa: E402
+from lampq_jax.data.embedded import load_embedded_model, load_embedded_subset, normalize_embedded  # noqa: E402
 from lampq_jax.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from lampq_jax.qat import finetune  # noqa: E402
 from lampq_jax.sensitivity.objective import kl_objective  # noqa: E402
 
 
 def logits_of(result, images: np.ndarray) -> np.ndarray:
-    return np.concatenate([np.asarray(result.apply(images[i:i + 500], train=False)) for i in range(0, len(images), 500)])
+    return batched(lambda x: result.apply(x, train=False), images, 500)
 
 
 def accuracy(result, images: np.ndarray, labels: np.ndarray) -> float:
@@ -43,9 +43,7 @@ def rows_for(args) -> tuple[list[dict], float]:
     data = load_embedded_subset()
     pool, test_x, test_y = data["calib_images"], data["test_images"], data["test_labels"]
     validation = data["val_images"][:500]
-    norm = load_embedded_config()["normalization"]
-    mean, std = float(np.ravel(norm["mean"])[0]), float(np.ravel(norm["std"])[0])
-    train = (load_fashion_mnist("train")[0][:args.train].astype(np.float32) / 255.0 - mean) / std
+    train = normalize_embedded(load_fashion_mnist("train")[0][:args.train])
     fp = float(np.mean(np.asarray(model.apply(variables, test_x, train=False)).argmax(-1) == test_y) * 100)
     config = lampq_jax.LampQConfig(metric_check=False, progress=False)
     teacher = np.asarray(model.apply(variables, train[:1024], train=False))
@@ -90,12 +88,9 @@ def real_vit_part(args) -> dict:
     test_x, test_y = load_fashion_mnist("test")
     test_x, test_y = fmnist_224(test_x[:args.probe_test]), test_y[:args.probe_test]
 
-    def batched(fn, images, batch=16):
-        return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
-
     def figures(fn):
-        return {"cosine": 1 - float(cosine_objective(batched(fn, evaluation), batched(fp_fn, evaluation))),
-                "probe": probe_accuracy(probe, batched(fn, test_x), test_y)}
+        return {"cosine": 1 - float(cosine_objective(batched(fn, evaluation, 16), batched(fp_fn, evaluation, 16))),
+                "probe": probe_accuracy(probe, batched(fn, test_x, 16), test_y)}
 
     config = lampq_jax.LampQConfig(output="features", metric_check=False, progress=False)
     start = time.perf_counter()

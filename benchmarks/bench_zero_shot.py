@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_vit import PROBE_FILE, fmnist_224, probe_accuracy  # noqa: E402
-from common import write_json, write_section  # noqa: E402
+from common import batched, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.embedded import load_embedded_config, load_embedded_model, load_embedded_subset  # noqa: E402
@@ -40,10 +40,6 @@ from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # 
 from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
 METHODS = ("zero-shot LampQ", "noise LampQ", "zero-shot uniform", "real LampQ")
-
-
-def batched(fn, images: np.ndarray, batch: int) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
 def noise_images(shape: tuple[int, ...], pixel_range: tuple[float, float], seed: int) -> np.ndarray:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent
 RESULTS_MD = ROOT / "RESULTS.md"
@@ -41,6 +42,11 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
             jax.block_until_ready(fn())
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def batched(fn: Callable[[Any], Any], images: Any, batch: int) -> np.ndarray:
+    """fn's outputs on `images`, `batch` at a time, concatenated as a numpy array."""
+    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
 
 
 def write_section(name: str, body: str, command: str) -> None:

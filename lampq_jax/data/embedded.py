@@ -69,6 +69,13 @@ def load_embedded_model() -> tuple[Any, dict[str, Any], dict[str, Any]]:
     return model, variables, config
 
 
+def normalize_embedded(images: np.ndarray) -> np.ndarray:
+    """uint8 Fashion-MNIST images [N, 28, 28, 1] as the embedded model's float32 inputs: (x / 255 − mean) / std."""
+    norm = load_embedded_config()["normalization"]
+    mean, std = np.float32(norm["mean"]), np.float32(norm["std"])
+    return (np.asarray(images).astype(np.float32) / np.float32(255.0) - mean) / std
+
+
 def load_embedded_subset() -> dict[str, np.ndarray]:
     """Loads the embedded calibration / validation / test images, normalised.
 
@@ -79,13 +86,11 @@ def load_embedded_subset() -> dict[str, np.ndarray]:
       as int32. Calibration and validation images come from the 5,000 training images held
       out from training; test images from the Fashion-MNIST test set.
     """
-    norm = load_embedded_config()["normalization"]
-    mean, std = np.float32(norm["mean"]), np.float32(norm["std"])
     out: dict[str, np.ndarray] = {}
     with np.load(_asset(SUBSET_FILE)) as data:
         for key in data.files:
             if key.endswith("_images"):
-                out[key] = (data[key].astype(np.float32) / np.float32(255.0) - mean) / std
+                out[key] = normalize_embedded(data[key])
             elif key.endswith("_labels"):
                 out[key] = data[key].astype(np.int32)
     return out
