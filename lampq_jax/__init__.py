@@ -11,3 +11,4 @@ from lampq_jax.pipeline import metric_check, quantize
 from lampq_jax.baselines import baseline_config, quantize_random
 from lampq_jax.data.zero_shot import ZeroShotConfig
 from lampq_jax.data.zero_shot import synthesize_calibration
+from lampq_jax.apply.data_parallel import data_mesh

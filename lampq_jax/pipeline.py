@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lampq_jax.allocation import AllocationResult, Budget, allocate_bits, bops_budget
@@ -22,6 +23,7 @@ from lampq_jax.apply import (
 )
 from lampq_jax.apply.fake import quant_point
 from lampq_jax.apply.calibration import ActivationParams, attention_minmax_sites, batches, channel_input_sites
+from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.hessians import input_hessians
 from lampq_jax.apply.equalize import center_keys as center_key_means, equalize_query_key
@@ -128,7 +130,7 @@ class _Prepared:
 
 
 def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, center_keys, qk_calibration,
-             equalize_qk, weight_method, batch_size, timer, apply_kwargs) -> _Prepared:
+             equalize_qk, weight_method, batch_size, timer, mesh, apply_kwargs) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
         layers = find_layers(model, variables, images[:1], rules=rules, **apply_kwargs)
@@ -137,19 +139,21 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
         uncentered = list(attention)
         if center_keys:
             variables, uncentered = center_key_means(model, variables, images, attention,
-                                                     batch_size=max(batch_size, 32), **apply_kwargs)
+                                                     batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs)
         if equalize_qk:
             variables = equalize_query_key(model, variables, images, attention, batch_size=max(batch_size, 32),
-                                           **apply_kwargs)
+                                           mesh=mesh, **apply_kwargs)
         minmax_sites = attention_minmax_sites(attention) if qk_calibration == "minmax" else frozenset()
         act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
                                            channel_sites=channel_input_sites(layers, channel_types),
-                                           minmax_sites=minmax_sites, **apply_kwargs)
+                                           minmax_sites=minmax_sites, mesh=mesh, **apply_kwargs)
         hessians = None
         if weight_method == "gptq":
             hessians = input_hessians(model, variables, images, layers, batch_size=max(batch_size, 32), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
-        fp_outputs = jnp.concatenate([fp_apply(variables, b) for b in batches(images, 64)])
+        replicated = replicate(variables, mesh)
+        fp_outputs = jnp.asarray(np.concatenate([np.asarray(fp_apply(replicated, b))
+                                                 for b in batches(images, 64, mesh)]))
     base = {"channel_types": list(channel_types), "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
             "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
             "keys_not_centered_no_bias": uncentered if center_keys else [], "weight_method": weight_method,
@@ -175,6 +179,7 @@ def quantize_uniform(
     weight_method: str = WEIGHT_METHOD_DEFAULT,
     batch_size: int = 32,
     rules: Sequence[TypeRule] = (),
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> QuantizationResult:
     """Quantizes every layer at W`bits`A`bits` (embed and head at `fixed_bits`): the uniform baseline.
@@ -199,9 +204,13 @@ def quantize_uniform(
         `[(r"layer_[0-9]+/(query|key|value)$", "qkv"), (r"^patch_embed$", "embed")]`; recorded in the result.
       zero_shot: synthesize the calibration images from the model (METHOD.md §7; output 'logits' unless the
         config says otherwise) instead of taking calib_images.
+      mesh: the devices that calibration splits each batch over (None: all of `jax.devices()`; see
+        `lampq_jax.apply.data_parallel`); the stages replicate the variables on them, the result keeps them
+        where they were.
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
     """
     rules = checked_rules(rules)
+    mesh = resolve_mesh(mesh)
     check_bits(bits), check_bits(fixed_bits)
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
     timer = _Timer()
@@ -212,7 +221,8 @@ def quantize_uniform(
                                                         labels=None, timer=timer, apply_kwargs=apply_kwargs)
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
                     center_keys=center_keys, qk_calibration=qk_calibration, equalize_qk=equalize_qk,
-                    weight_method=weight_method, batch_size=batch_size, timer=timer, apply_kwargs=apply_kwargs)
+                    weight_method=weight_method, batch_size=batch_size, timer=timer, mesh=mesh,
+                    apply_kwargs=apply_kwargs)
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
     return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
@@ -421,6 +431,7 @@ def quantize(
     config: LampQConfig = LampQConfig(),
     rules: Sequence[TypeRule] = (),
     zero_shot: Optional[ZeroShotConfig] = None,
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> QuantizationResult:
     """LampQ: per-layer bit-widths from the type-aware Fisher metric, the ILP and iterative updates.
@@ -437,12 +448,15 @@ def quantize(
       zero_shot: data-free mode (METHOD.md §7): the calibration images are synthesized from the model
         (`lampq_jax.data.zero_shot`, output `config.output` unless the ZeroShotConfig says otherwise), and
         kept in `result.synthetic_images`; everything after runs on them unchanged.
+      mesh: the devices that calibration, Fisher traces, quantization errors, probes and J split each
+        batch over (None: all of `jax.devices()`; see `lampq_jax.apply.data_parallel`).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
       A `QuantizationResult` with the bits per layer, `apply`, the report and timings.
     """
     rules = checked_rules(rules)
+    mesh = resolve_mesh(mesh)
     timer = _Timer()
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
@@ -452,7 +466,7 @@ def quantize(
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=config.calibration,
                     channel_types=config.channel_types, center_keys=config.center_keys,
                     qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
-                    weight_method=config.weight_method, batch_size=config.batch_size, timer=timer,
+                    weight_method=config.weight_method, batch_size=config.batch_size, timer=timer, mesh=mesh,
                     apply_kwargs=apply_kwargs)
     variables = prep.variables
     layers, images = prep.layers, prep.images
@@ -475,12 +489,12 @@ def quantize(
     rng = jax.random.key(config.seed)
     cands = list(config.candidates)
     alloc_layers = [layers[i] for i in allocated]
-    dq = DynamicQuantizer(model, variables, layers, prep.attention, prep.act_params, apply_kwargs,
+    dq = DynamicQuantizer(model, replicate(variables, mesh), layers, prep.attention, prep.act_params, apply_kwargs,
                           hessians=prep.hessians)
     label_array = None if labels is None else jnp.asarray(labels)
 
     def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
-        outs = jnp.concatenate([dq.apply(b, bits, attention) for b in batches(images, 64)])
+        outs = jnp.asarray(np.concatenate([np.asarray(dq.apply(b, bits, attention)) for b in batches(images, 64, mesh)]))
         return float(objective_fn(outs, prep.fp_outputs, label_array))
 
     j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
@@ -503,12 +517,13 @@ def quantize(
         with timer("fisher"):
             bar.set_postfix_str("Fisher traces")
             fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
-                                   batch_size=config.batch_size, output=config.output, **apply_kwargs)
+                                   batch_size=config.batch_size, output=config.output, mesh=mesh, **apply_kwargs)
         bar.update()
         bar.set_postfix_str("quantization errors")
         with timer("metric"):
             w_err = weight_errors(variables, alloc_layers, cands)
-            a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
+            a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, mesh=mesh,
+                                      **apply_kwargs)
             w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
         bar.update()
         bar.set_postfix_str("single-layer probes")
@@ -556,9 +571,9 @@ def quantize(
             point = quant_point(variables, layers, spec, prep.act_params, hessians=prep.hessians)
             fisher_k = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
                                      batch_size=config.batch_size, output=config.output,
-                                     quant=point, **apply_kwargs)
+                                     quant=point, mesh=mesh, **apply_kwargs)
             a_err_k = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands,
-                                        quant=point, **apply_kwargs)
+                                        quant=point, mesh=mesh, **apply_kwargs)
             new_w, new_a = predicted_increase(fisher_k, alloc_layers, w_err, a_err_k)
             omega_w = config.damping * omega_w + (1 - config.damping) * layer_alpha * new_w
             omega_a = config.damping * omega_a + (1 - config.damping) * layer_alpha * new_a
@@ -610,6 +625,7 @@ def metric_check(
     objective: Optional[Any] = None,
     config: LampQConfig = LampQConfig(),
     rules: Sequence[TypeRule] = (),
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> dict[str, float]:
     """Spearman rank correlation, over all layer groups, between Ω_i at the probe bits and the measured
@@ -620,5 +636,5 @@ def metric_check(
     rules = checked_rules(rules)
     config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher")
     result = quantize(model, variables, calib_images, budget=float(max(config.candidates)), labels=labels,
-                      objective=objective, config=config, rules=rules, **apply_kwargs)
+                      objective=objective, config=config, rules=rules, mesh=mesh, **apply_kwargs)
     return dict(result.report["spearman"])

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from lampq_jax.apply.data_parallel import resolve_mesh, shard_batch
 from lampq_jax.layers.coverage import coverage_lines
 from lampq_jax.layers.types import LAYER_TYPES
 from lampq_jax.result import QuantizationResult
@@ -18,13 +20,18 @@ TYPE_COLOURS = {"qkv": "#4C72B0", "proj": "#55A868", "fc1": "#C44E52", "fc2": "#
 
 
 def accuracy(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray,
-             batch_size: int = 500) -> float:
-    """Top-1 accuracy in percent of `apply_fn(images [B, ...]) -> logits [B, classes]`."""
+             batch_size: int = 500, mesh: Optional[Mesh] = None) -> float:
+    """Top-1 accuracy in percent of `apply_fn(images [B, ...]) -> logits [B, classes]`, each batch split over
+    `mesh` (None: all of `jax.devices()`; `lampq_jax.apply.data_parallel`)."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    mesh = resolve_mesh(mesh)
     correct = 0
     for start in range(0, len(images), batch_size):
-        logits = apply_fn(jnp.asarray(images[start:start + batch_size]))
+        batch = shard_batch(jnp.asarray(images[start:start + batch_size]), mesh)
+        logits = apply_fn(batch)
         correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[start:start + batch_size]))
     return 100.0 * correct / len(images)
 

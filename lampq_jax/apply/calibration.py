@@ -38,8 +38,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from lampq_jax.apply.data_parallel import replicate, resolve_mesh, shard_batch
 from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.static import static_module
 from lampq_jax.quant import MAX_BITS, MIN_BITS, minmax_params, search_clipping_params
 from lampq_jax.quant.clipping import DEFAULT_CLIP_RATIOS
 from lampq_jax.quant.uniform import _fake_quant_levels, _range_params
@@ -78,12 +81,13 @@ def check_images(images: Any, name: str = "calibration images") -> np.ndarray:
     return array
 
 
-def batches(images: np.ndarray, batch_size: int) -> Iterable[np.ndarray]:
-    """Consecutive slices of `images` of at most `batch_size` examples."""
+def batches(images: np.ndarray, batch_size: int, mesh: Optional[Mesh] = None) -> Iterable[Any]:
+    """Consecutive slices of `images` of at most `batch_size` examples, each split over `mesh` (None: not
+    split; `data_parallel.shard_batch`)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     for start in range(0, images.shape[0], batch_size):
-        yield images[start : start + batch_size]
+        yield shard_batch(images[start : start + batch_size], mesh)
 
 
 def _subsample(x: jax.Array, max_samples: int) -> jax.Array:
@@ -150,19 +154,22 @@ def collect_site_samples(
     batch_size: int = 32,
     max_samples: int = 1 << 16,
     channel_sites: Union[ChannelSites, Iterable[str]] = frozenset(),
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> dict[str, tuple[np.ndarray, Any, Any]]:
     """Runs the full-precision model over `images`; site → (samples [S], min, max).
 
     For `channel_sites` {site: n}: (rows [S, C], min [*channels], max [*channels]), channels the
-    tensor's last n dims and C their product.
+    tensor's last n dims and C their product. Each batch is split over `mesh` (`data_parallel`).
     """
     channel_sites = tuple(sorted(channel_site_map(channel_sites).items()))
+    mesh = resolve_mesh(mesh)
+    variables = replicate(variables, mesh)
     samples: dict[str, list[np.ndarray]] = {}
     lo: dict[str, Any] = {}
     hi: dict[str, Any] = {}
-    for batch in batches(images, batch_size):
-        stats = _batch_stats(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+    for batch in batches(images, batch_size, mesh):
+        stats = _batch_stats(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
                              layer_paths=layer_paths, attention_paths=attention_paths, max_samples=max_samples,
                              channel_sites=channel_sites)
         for site, (values, mn, mx) in jax.device_get(stats).items():
@@ -258,6 +265,7 @@ def calibrate_activations(
     max_samples: int = 1 << 14,
     channel_sites: Union[ChannelSites, Iterable[str]] = frozenset(),
     minmax_sites: Iterable[str] = frozenset(),
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> ActivationParams:
     """Calibrates every site's activation quantizer at every bit-width from 2 to 8.
@@ -270,6 +278,7 @@ def calibrate_activations(
       channel_sites: {site: n channel axes} (or site names, one axis each) of the layer inputs quantized
         per channel (see `channel_input_sites`).
       minmax_sites: per-tensor sites calibrated by 'minmax' whatever `method` (see `attention_minmax_sites`).
+      mesh: the devices the statistics' batches are split over (None: all devices; see `data_parallel`).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
@@ -291,6 +300,7 @@ def calibrate_activations(
         batch_size=batch_size,
         max_samples=max_samples,
         channel_sites=channel_sites,
+        mesh=mesh,
         **apply_kwargs,
     )
     unknown = sorted(set(channel_sites) - set(found))

@@ -23,6 +23,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.fake import quantize_kernel
 from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.static import static_module
 from lampq_jax.quant.traced import fake_quant_dynamic, softmax_dynamic
 from lampq_jax.layers.discovery import Layer
 
@@ -135,4 +136,4 @@ class DynamicQuantizer:
             raise ValueError(f"unknown layer path(s) {unknown[:5]}")
         variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
         state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
-        return dynamic_apply(variables, state, x, model=self.model, kwargs=self._kwargs)
+        return dynamic_apply(variables, state, x, model=static_module(self.model), kwargs=self._kwargs)

@@ -33,15 +33,18 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import batches
+from lampq_jax.apply.data_parallel import replicate, resolve_mesh
+from lampq_jax.apply.static import static_module
 from lampq_jax.apply.sites import site_interceptor
 
 # r_d is kept within [1 / MAX_RATIO, MAX_RATIO], so a channel that is silent in calibration is not blown up.
@@ -64,11 +67,14 @@ def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
 
 
 def query_key_ratios(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                     batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
-    """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]."""
+                     batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+    """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]
+    (batches split over `mesh`, None: all devices)."""
     absmax: dict[str, np.ndarray] = {}
-    for batch in batches(images, batch_size):
-        found = _batch_absmax(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+    mesh = resolve_mesh(mesh)
+    variables = replicate(variables, mesh)
+    for batch in batches(images, batch_size, mesh):
+        found = _batch_absmax(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
                               attention_paths=frozenset(attention_paths))
         for site, value in jax.device_get(found).items():
             absmax[site] = np.maximum(absmax.get(site, 0.0), value)
@@ -100,13 +106,13 @@ def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
 
 @functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths"))
 def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
-    """{attention path: (Σ k [heads, head_dim], number of keys)} over one batch."""
+    """{attention path: (Σ k [batch, heads, head_dim] per image, keys per image)} over one batch."""
     found: dict[str, tuple[jax.Array, int]] = {}
 
     def on_site(site, x):
         if site.endswith("/k"):
             x = x.astype(jnp.float32)
-            found[site[: -len("/k")]] = (jnp.sum(x, axis=tuple(range(x.ndim - 2))), math.prod(x.shape[:-2]))
+            found[site[: -len("/k")]] = (jnp.sum(x, axis=tuple(range(1, x.ndim - 2))), math.prod(x.shape[1:-2]))
         return x
 
     with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(), attention_paths=attention_paths)):
@@ -115,16 +121,20 @@ def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
 
 
 def key_means(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-              batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
-    """{attention path: μ [heads, head_dim]}, the mean key over every token of `images`."""
+              batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+    """{attention path: μ [heads, head_dim]}, the mean key over every token of `images` (batches split over
+    `mesh`, None: all devices). Per-image sums are added on the host in float64, in image order, so that μ
+    does not depend on how a batch was split (it is folded into the variables that everything after uses)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for batch in batches(images, batch_size):
-        found = _batch_key_sums(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+    mesh = resolve_mesh(mesh)
+    variables = replicate(variables, mesh)
+    for batch in batches(images, batch_size, mesh):
+        found = _batch_key_sums(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
                                 attention_paths=frozenset(attention_paths))
-        for path, (total, count) in jax.device_get(found).items():
-            sums[path] = sums.get(path, 0.0) + np.asarray(total, np.float64)
-            counts[path] = counts.get(path, 0) + int(count)
+        for path, (per_image, count) in jax.device_get(found).items():
+            sums[path] = sums.get(path, 0.0) + np.sum(np.asarray(per_image, np.float64), axis=0)
+            counts[path] = counts.get(path, 0) + int(count) * per_image.shape[0]
     return {p: (sums[p] / counts[p]).astype(np.float32) for p in attention_paths}
 
 
@@ -152,19 +162,20 @@ def fold_key_means(variables: Any, means: dict[str, np.ndarray]) -> tuple[Any, l
 
 
 def center_keys(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                batch_size: int = 32, **apply_kwargs: Any) -> tuple[Any, list[str]]:
+                batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> tuple[Any, list[str]]:
     """(the variables with every attention's mean key folded out of its key bias, the paths left as they were
     because their key has no bias); see the module docstring."""
     if not attention_paths:
         return variables, []
-    means = key_means(model, variables, images, attention_paths, batch_size=batch_size, **apply_kwargs)
+    means = key_means(model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh, **apply_kwargs)
     return fold_key_means(variables, means)
 
 
 def equalize_query_key(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                       batch_size: int = 32, **apply_kwargs: Any) -> Any:
+                       batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> Any:
     """The variables with every attention's query/key pair equalized on `images` (module docstring)."""
     if not attention_paths:
         return variables
-    ratios = query_key_ratios(model, variables, images, attention_paths, batch_size=batch_size, **apply_kwargs)
+    ratios = query_key_ratios(model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh,
+                              **apply_kwargs)
     return fold_query_key_ratios(variables, ratios)

@@ -19,6 +19,7 @@ import numpy as np
 
 from lampq_jax.apply.calibration import batches, channel_input_sites
 from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.static import static_module
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.layers.types import LAYER_TYPES
 
@@ -49,6 +50,10 @@ def input_hessians(model: nn.Module, variables: Any, images: np.ndarray, layers:
       model, variables: the full-precision model.
       images: calibration inputs [N, ...].
       layers: the layers to cover; those that are not [*inputs, *outputs] Dense / DenseGeneral are left out.
+
+    Runs on one device even when several are there (unlike the other calibration passes, `data_parallel`):
+    GPTQ rounds column after column with error feedback, so a sum of H reassociated over devices (~1e-7
+    relative) changes some codes, and the rest after them.
     """
     input_axes = channel_input_sites(layers, LAYER_TYPES)
     if not input_axes:
@@ -56,7 +61,7 @@ def input_hessians(model: nn.Module, variables: Any, images: np.ndarray, layers:
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in batches(images, batch_size):
-        found = _batch_grams(variables, batch, model=model, kwargs=tuple(sorted(apply_kwargs.items())),
+        found = _batch_grams(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
                              input_axes=tuple(sorted(input_axes.items())))
         for path, (gram, rows) in jax.device_get(found).items():
             sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)

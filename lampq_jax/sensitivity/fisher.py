@@ -24,11 +24,16 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
 
 from lampq_jax.apply.calibration import check_images
+from lampq_jax.apply.data_parallel import (batch_spec, is_parallel, pad_to_multiple, replicate, resolve_mesh,
+                                           shard_batch, shard_map_compat)
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels, with_kernels
 from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.static import static_module
 from lampq_jax.layers.discovery import Layer
 
 OUTPUT_KINDS = ("logits", "features")
@@ -80,10 +85,12 @@ def _adder(perturbations: dict[str, jax.Array]):
     return add
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized"))
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh",
+                                             "num_samples"))
 def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits, *, model, kwargs, batch_size,
-                 likelihood, quantized):
-    """Mean per-sample squared gradient norms ({path: tr F^W}, {path: tr F^A}); compiled once per model."""
+                 likelihood, quantized, mesh, num_samples):
+    """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) of the first `num_samples`
+    samples; with a `mesh` of several devices each maps its own slice of the samples (`shard_map`)."""
 
     def forward(kernels, perturbations, x):
         if quantized:
@@ -100,8 +107,14 @@ def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits,
         sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
         return sq(g_w), sq(g_a)
 
-    w, a = jax.lax.map(per_sample, (images, targets), batch_size=batch_size)
-    return {p: jnp.mean(v) for p, v in w.items()}, {p: jnp.mean(v) for p, v in a.items()}
+    def squared_norms(images, targets):  # {path: [n]} per sample, for the samples given
+        return jax.lax.map(per_sample, (images, targets), batch_size=min(batch_size, images.shape[0]))
+
+    if is_parallel(mesh):
+        spec = batch_spec(mesh)
+        squared_norms = shard_map_compat(squared_norms, mesh, in_specs=(spec, spec), out_specs=spec)
+    w, a = squared_norms(images, targets)
+    return {p: v[:num_samples] for p, v in w.items()}, {p: v[:num_samples] for p, v in a.items()}
 
 
 def fisher_traces(
@@ -116,6 +129,7 @@ def fisher_traces(
     output: str = "logits",
     log_likelihood: Optional[LogLikelihood] = None,
     quant: Optional[QuantPoint] = None,
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> FisherTraces:
     """Weight and activation Fisher traces of `layers`, from per-sample gradients.
@@ -131,6 +145,8 @@ def fisher_traces(
       log_likelihood: `fn(output [1, ...], target) -> scalar`, replacing the built-in likelihoods.
       quant: a `QuantPoint` to measure at the quantized point (weights and activations
         fake-quantized, straight-through gradients), as the iterative updates need.
+      mesh: the devices the samples are split over (None: all devices); each maps its own samples, with
+        copies of the last sample as padding up to a multiple of the device count (left out of the mean).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
@@ -140,7 +156,9 @@ def fisher_traces(
         raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = jnp.asarray(check_images(images))
+    images = check_images(images)
+    num_samples = int(images.shape[0])
+    mesh = resolve_mesh(mesh)
     paths = [l.path for l in layers]
     if quant is not None:
         variables = quant.variables
@@ -151,22 +169,27 @@ def fisher_traces(
     kernels = layer_kernels(variables, paths)
     zeros = {l.path: jnp.zeros((1,) + tuple(l.input_shape[1:]), jnp.float32) for l in layers}
     kwargs = tuple(sorted(apply_kwargs.items()))
+    variables, kernels, zeros, state = replicate((variables, kernels, zeros, state), mesh)
 
     if labels is not None:
-        targets = jnp.asarray(labels)
-        if targets.shape[0] != images.shape[0]:
-            raise ValueError(f"labels have {targets.shape[0]} entries for {images.shape[0]} images")
+        targets = np.asarray(labels)
+        if targets.shape[0] != num_samples:
+            raise ValueError(f"labels have {targets.shape[0]} entries for {num_samples} images")
     else:
         if rng is None:
             raise ValueError("the true Fisher (labels=None) needs rng, a jax.random key")
-        outputs = dynamic_apply(variables, state, images, model=model, kwargs=kwargs)
-        targets = sample_targets(outputs, rng, output)
+        outputs = dynamic_apply(variables, state, shard_batch(images, mesh), model=static_module(model), kwargs=kwargs)
+        targets = np.asarray(sample_targets(outputs, rng, output))
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
+    if is_parallel(mesh):
+        images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
     weight, activation = jax.device_get(_fisher_pass(
-        variables, kernels, zeros, images, targets, state, model=model, kwargs=kwargs,
-        batch_size=min(batch_size, images.shape[0]), likelihood=likelihood, quantized=quant is not None))
+        variables, kernels, zeros, shard_batch(images, mesh), shard_batch(targets, mesh), state, model=static_module(model),
+        kwargs=kwargs, batch_size=min(batch_size, num_samples), likelihood=likelihood, quantized=quant is not None,
+        mesh=mesh if is_parallel(mesh) else None, num_samples=num_samples))
+    # The means over samples are taken here in float64, so that they do not depend on how samples were split.
     return FisherTraces(
-        weight={p: float(weight[p]) for p in paths},
-        activation={p: float(activation[p]) for p in paths},
-        num_samples=int(images.shape[0]),
+        weight={p: float(np.mean(np.asarray(weight[p], np.float64))) for p in paths},
+        activation={p: float(np.mean(np.asarray(activation[p], np.float64))) for p in paths},
+        num_samples=num_samples,
     )

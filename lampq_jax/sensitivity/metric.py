@@ -20,10 +20,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from lampq_jax.apply.calibration import ActivationParams, batches
+from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels
+from lampq_jax.apply.static import static_module
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
@@ -44,14 +47,15 @@ def weight_errors(variables: Any, layers: Sequence[Layer], candidates: Sequence[
 
 @functools.partial(jax.jit, static_argnames=("model", "kwargs", "paths", "candidates"))
 def _batch_activation_errors(variables, tables, state: DynamicBits, batch, *, model, kwargs, paths, candidates):
-    """{path: [candidates] Σ_n ‖Q_b(A_{i,n}) − A_{i,n}‖²} over one batch; compiled once per model."""
+    """{path: [batch, candidates] ‖Q_b(A_{i,n}) − A_{i,n}‖² per image n} of one batch; compiled once per model."""
     found = {}
 
     def record(site, x):
         if site in paths:
-            errs = [jnp.sum(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x)
-                            .astype(jnp.float32)) for b in candidates]
-            found[site] = jnp.stack(errs)
+            per_image = lambda e: jnp.sum(e.astype(jnp.float32), axis=tuple(range(1, e.ndim)))
+            errs = [per_image(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x))
+                    for b in candidates]
+            found[site] = jnp.stack(errs, axis=-1)
         return x
 
     with nn.intercept_methods(dynamic_interceptor(state, on_input=record)):
@@ -69,11 +73,13 @@ def activation_errors(
     *,
     batch_size: int = 32,
     quant: Optional[QuantPoint] = None,
+    mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> np.ndarray:
     """[layers, candidates] mean_n ‖Q_b(A_{i,n}) − A_{i,n}‖² with the calibrated quantizers.
 
-    With `quant` (a `QuantPoint`), the inputs A_{i,n} are those of the quantized model.
+    With `quant` (a `QuantPoint`), the inputs A_{i,n} are those of the quantized model. Each batch is split
+    over `mesh` (None: all devices; `data_parallel`).
     """
     paths = tuple(l.path for l in layers)
     missing = [p for p in paths if p not in act_params]
@@ -87,12 +93,14 @@ def activation_errors(
         state = DynamicBits({}, {}, {})
     tables = {p: np.asarray(act_params[p]) for p in paths}
     total = {p: np.zeros(len(candidates)) for p in paths}
-    for batch in batches(images, batch_size):
-        found = _batch_activation_errors(variables, tables, state, batch, model=model,
+    mesh = resolve_mesh(mesh)
+    variables, state = replicate((variables, state), mesh)
+    for batch in batches(images, batch_size, mesh):
+        found = _batch_activation_errors(variables, tables, state, batch, model=static_module(model),
                                          kwargs=tuple(sorted(apply_kwargs.items())), paths=paths,
                                          candidates=tuple(candidates))
         for site, errs in jax.device_get(found).items():
-            total[site] += errs
+            total[site] += np.sum(np.asarray(errs, np.float64), axis=0)  # per image, in order: split-independent
     return np.stack([total[p] / images.shape[0] for p in paths])
 
 
