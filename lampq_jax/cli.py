@@ -289,6 +289,39 @@ def load_calibration(path: str, *, image_size: Optional[int] = None, normalizati
     return images, labels, f"'images' of {path} used as they are (no resize, no normalization)"
 
 
+TRAIN_STATE_KEYS = ("opt_state", "global_step", "optimizer", "model_state")
+
+
+def checkpoint_file(path: Path) -> Path:
+    """`path`, or for a training workdir the `checkpoint_<step>` file in it with the largest step (the layout
+    of `flax.training.checkpoints.save_checkpoint`, which Scenic's trainers use)."""
+    if path.is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    steps = {int(p.name.rsplit("_", 1)[1]): p for p in path.glob("checkpoint_*")
+             if p.is_file() and p.name.rsplit("_", 1)[1].isdigit()}
+    if not steps:
+        raise FileNotFoundError(f"checkpoint folder {path} holds no checkpoint_<step> file")
+    return steps[max(steps)]
+
+
+def variables_from_state(raw: dict) -> dict:
+    """Model variables from a restored flax msgpack: a train state (Scenic's TrainState: `params` and
+    `model_state` kept, `opt_state`, `global_step`, `rng`, `metadata` dropped; a legacy flax Optimizer's
+    `optimizer.target`), a variables dict with 'params', or a bare params tree."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"the checkpoint holds a {type(raw).__name__}, not a dict of variables or a train state")
+    if any(k in raw for k in TRAIN_STATE_KEYS):
+        params = raw.get("params")
+        if params is None and isinstance(raw.get("optimizer"), dict):
+            params = raw["optimizer"].get("target")
+        if not params:
+            raise ValueError(f"the checkpoint looks like a train state (keys {sorted(raw)}) but has no params")
+        return {"params": params, **dict(raw.get("model_state") or {})}
+    return raw if "params" in raw else {"params": raw}
+
+
 def load_model(args: argparse.Namespace):
     """(model, variables) from a Scenic-layout checkpoint (+ model config) or the converters."""
     import flax.serialization
@@ -296,16 +329,14 @@ def load_model(args: argparse.Namespace):
     from lampq_jax.models import create_vit
     from lampq_jax.models import convert
 
-    ckpt = Path(args.checkpoint)
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    ckpt = checkpoint_file(Path(args.checkpoint))
     if args.model_fn:
         if args.format != "scenic" or ckpt.suffix == ".npz":
             raise ValueError("--model-fn takes a flax msgpack checkpoint of that model's variables "
                              f"(--format scenic, not .npz), got --format {args.format} and {ckpt.name}")
         config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
         raw = flax.serialization.msgpack_restore(ckpt.read_bytes())
-        return user_model(args.model_fn, config), raw if "params" in raw else {"params": raw}
+        return user_model(args.model_fn, config), variables_from_state(raw)
     if args.format in ("timm", "huggingface"):
         import torch
 
@@ -327,8 +358,7 @@ def load_model(args: argparse.Namespace):
     if ckpt.suffix == ".npz":
         variables, _ = convert.from_augreg_npz(str(ckpt))
     else:
-        raw = flax.serialization.msgpack_restore(ckpt.read_bytes())
-        variables = raw if "params" in raw else {"params": raw}
+        variables = variables_from_state(flax.serialization.msgpack_restore(ckpt.read_bytes()))
     return model, variables
 
 
@@ -481,7 +511,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     quant = sub.add_parser("quantize", help="quantize a Scenic-layout / timm / Hugging Face checkpoint")
-    quant.add_argument("--checkpoint", required=True, help=".msgpack or .npz (Scenic layout), or a torch file")
+    quant.add_argument("--checkpoint", required=True,
+                       help="flax msgpack of variables or of a train state, a training workdir (its latest "
+                            "checkpoint_<step>), an AugReg .npz (Scenic layout), or a torch file")
     quant.add_argument("--format", default="scenic", choices=["scenic", "timm", "huggingface"])
     _add_model_fn_options(quant, config_help="JSON: {'variant', 'num_classes', 'overrides'} or ViT fields; with "
                                              "--model-fn: the keyword arguments of that function")
