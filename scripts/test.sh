@@ -13,4 +13,11 @@ set +e
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
-exit "$rc"
+# The Colab notebooks, top to bottom with small settings (LAMPQ_COLAB_SMALL=1); skipped when pytest was given
+# arguments (a chosen subset of tests).
+nb_rc=0
+if [ "$#" -eq 0 ]; then
+  .venv/bin/python colabs/run_all.py || nb_rc=$?
+fi
+if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+exit "$nb_rc"
