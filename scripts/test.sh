@@ -13,11 +13,11 @@ set +e
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
-# The Colab notebooks, top to bottom with small settings (LAMPQ_COLAB_SMALL=1); skipped when pytest was given
-# arguments (a chosen subset of tests).
-nb_rc=0
+# Then, unless pytest was given arguments (a chosen subset): the suite and the Colab notebooks under Colab
+# TPU's versions in a second environment (scripts/test_colab_versions.sh).
+colab_rc=0
 if [ "$#" -eq 0 ]; then
-  .venv/bin/python colabs/run_all.py || nb_rc=$?
+  bash scripts/test_colab_versions.sh || colab_rc=$?
 fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
-exit "$nb_rc"
+exit "$colab_rc"

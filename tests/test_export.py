@@ -1,6 +1,7 @@
 """Export to packed low-bit tensors, integer inference on them, and Qwix rules."""
 
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -183,7 +184,8 @@ def test_qwix_ptq_quantizes_exactly_the_assignment(tiny_setup, mixed):
     qmodel = qwix.quantize_model(model, provider)
     abstract = jax.eval_shape(lambda: qmodel.init(jax.random.key(0), images[:1]))["params"]
     qparams = jax.jit(lambda params: qwix.quantize_params(params, abstract))(variables["params"])
-    assert provider.get_unused_rules() == []
+    if hasattr(provider, "get_unused_rules"):  # qwix ≥ 0.1.4; 0.1.2 (the last for flax 0.11, Colab's) lacks it,
+        assert provider.get_unused_rules() == []  # and the check below that every layer got its bits covers it
     quantized = {}
     for key, leaf in flatten_dict(qparams, sep="/").items():
         if isinstance(leaf, jax.Array):
@@ -198,7 +200,7 @@ def test_qwix_ptq_quantizes_exactly_the_assignment(tiny_setup, mixed):
     theirs = np.asarray(jax.jit(qmodel.apply)({"params": qparams}, images))
     ours = np.asarray(mixed.apply(images))
     rel = float(np.abs(theirs - ours).max() / np.abs(ours).max())
-    print(f"qwix {qwix.__version__} vs lampq_jax, mixed 2-8 bits: max |Δ| / max |y| = {rel:.3f}")
+    print(f"qwix {importlib.metadata.version('qwix')} vs lampq_jax, mixed 2-8 bits: max |Δ| / max |y| = {rel:.3f}")
     assert np.isfinite(theirs).all() and np.isfinite(rel)
 
 

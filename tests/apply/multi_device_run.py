@@ -38,7 +38,11 @@ def main() -> dict:
     uneven = images[:14]  # 14 = 3 × 4 + 2: the Fisher pass pads, the statistics' batches fall back to replicated
     one = data_mesh(jax.devices()[:1])
     meshes = {"all": data_mesh(), "user_2x2": Mesh(np.asarray(jax.devices()).reshape(2, 2), ("data", "model"))}
-    layers = find_layers(model, variables, images[:1])
+    # The Conv patch embedding is left out of the Fisher pass: on jax 0.7.2 (Colab TPU's), vmap of the per-sample
+    # gradient of a Conv kernel hits NotImplementedError in its batching rule, on one device as on four; the
+    # pipeline never asks for it (embed is a fixed type).
+    all_layers = find_layers(model, variables, images[:1])
+    layers = [l for l in all_layers if l.kind != "conv"]
     out = {"devices": jax.device_count()}
     sharded, replicated = shard_batch(images, meshes["all"]), shard_batch(uneven, meshes["all"])
     out["sharded_devices"] = len(sharded.sharding.device_set)
