@@ -22,7 +22,7 @@ from lampq_jax.apply import (
     find_attention_paths,
 )
 from lampq_jax.apply.fake import quant_point
-from lampq_jax.apply.calibration import ActivationParams, attention_minmax_sites, batches, channel_input_sites
+from lampq_jax.apply.calibration import ActivationParams, attention_minmax_sites, batched_outputs, channel_input_sites
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.hessians import input_hessians
@@ -152,8 +152,7 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
             hessians = input_hessians(model, variables, images, layers, batch_size=max(batch_size, 32), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         replicated = replicate(variables, mesh)
-        fp_outputs = jnp.asarray(np.concatenate([np.asarray(fp_apply(replicated, b))
-                                                 for b in batches(images, 64, mesh)]))
+        fp_outputs = jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
     base = {"channel_types": list(channel_types), "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
             "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
             "keys_not_centered_no_bias": uncentered if center_keys else [], "weight_method": weight_method,
@@ -494,7 +493,7 @@ def quantize(
     label_array = None if labels is None else jnp.asarray(labels)
 
     def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
-        outs = jnp.asarray(np.concatenate([np.asarray(dq.apply(b, bits, attention)) for b in batches(images, 64, mesh)]))
+        outs = jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
         return float(objective_fn(outs, prep.fp_outputs, label_array))
 
     j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from lampq_jax.apply.calibration import batches, check_images
+from lampq_jax.apply.calibration import batched_outputs, check_images
 from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.export import grid_codes, kernel_matrix
@@ -244,4 +244,4 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
 
 def _batched(fn: Callable[[Any], Any], images: np.ndarray) -> np.ndarray:
     """fn's outputs on `images`, 256 at a time, concatenated on the host."""
-    return np.concatenate([np.asarray(fn(b)) for b in batches(images, 256)])
+    return batched_outputs(fn, images, 256)

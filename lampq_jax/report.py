@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lampq_jax.apply.data_parallel import resolve_mesh, shard_batch
+from lampq_jax.apply.calibration import batches
+from lampq_jax.apply.data_parallel import resolve_mesh
 from lampq_jax.layers.coverage import coverage_lines
 from lampq_jax.layers.types import LAYER_TYPES
 from lampq_jax.result import QuantizationResult
@@ -25,12 +25,9 @@ def accuracy(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, lab
     `mesh` (None: all of `jax.devices()`; `lampq_jax.apply.data_parallel`)."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    mesh = resolve_mesh(mesh)
     correct = 0
-    for start in range(0, len(images), batch_size):
-        batch = shard_batch(jnp.asarray(images[start:start + batch_size]), mesh)
+    for start, batch in zip(range(0, len(images), batch_size),
+                            batches(np.asarray(images), batch_size, resolve_mesh(mesh))):
         logits = apply_fn(batch)
         correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[start:start + batch_size]))
     return 100.0 * correct / len(images)

@@ -90,6 +90,11 @@ def batches(images: np.ndarray, batch_size: int, mesh: Optional[Mesh] = None) ->
         yield shard_batch(images[start : start + batch_size], mesh)
 
 
+def batched_outputs(fn: Any, images: np.ndarray, batch_size: int, mesh: Optional[Mesh] = None) -> np.ndarray:
+    """`fn`'s outputs on `images`, `batch_size` at a time (each batch split over `mesh`), concatenated on the host."""
+    return np.concatenate([np.asarray(fn(b)) for b in batches(images, batch_size, mesh)])
+
+
 def _subsample(x: jax.Array, max_samples: int) -> jax.Array:
     flat = jnp.ravel(x).astype(jnp.float32)
     stride = max(1, math.ceil(flat.shape[0] / max_samples))

@@ -23,7 +23,6 @@ bits, J and outputs on 4 fake devices; the 2-block test ViT the same bits, outpu
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, Optional, Sequence
 
 import jax
@@ -86,10 +85,6 @@ def pad_to_multiple(x: np.ndarray, multiple: int) -> np.ndarray:
 
 
 def shard_map_compat(fn: Callable, mesh: Mesh, in_specs: Any, out_specs: Any) -> Callable:
-    """`jax.shard_map` (jax ≥ 0.7) or `jax.experimental.shard_map.shard_map` (older), without the
-    replication check: each device's body is local code, and gradients taken inside it stay local."""
-    if hasattr(jax, "shard_map") and "check_vma" in inspect.signature(jax.shard_map).parameters:
-        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-    from jax.experimental.shard_map import shard_map
-
-    return shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_rep=False)
+    """`jax.shard_map` without the replication check (jax ≥ 0.7.2, the lowest version we support): each
+    device's body is local code, and gradients taken inside it stay local."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)

@@ -106,6 +106,7 @@ class DynamicQuantizer:
         self._flat = flatten_dict(dict(self.variables)["params"], sep="/")
         self._out_axes = {l.path: tuple(l.out_axes) for l in self.layers}
         self._kwargs = tuple(sorted(self.apply_kwargs.items()))
+        self._static_model = static_module(self.model)
 
     def kernel(self, path: str, bits: int) -> jax.Array:
         """The kernel of layer `path` fake-quantized at `bits` (0: full precision), cached."""
@@ -136,4 +137,4 @@ class DynamicQuantizer:
             raise ValueError(f"unknown layer path(s) {unknown[:5]}")
         variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
         state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
-        return dynamic_apply(variables, state, x, model=static_module(self.model), kwargs=self._kwargs)
+        return dynamic_apply(variables, state, x, model=self._static_model, kwargs=self._kwargs)
