@@ -3,8 +3,10 @@
 Issue 11 asks why LampQ's allocation loses to uniform W4A4 on DINOv2-S/14. This benchmark removes the
 metric from the question. For every unit (a layer group: qkv, proj, fc1 or fc2 of a block), it measures
 the objective J = mean (1 − class-token cosine) with that unit alone quantized and the rest in float, at
-3, 4, 5 and 6 bits. It does so three ways: W and A tied, weights only, and activations only. Then the ILP
-allocates on those measured costs as if they added up. This is the best an additive metric can do, since
+3, 4, 5 and 6 bits. It does so three ways: W and A tied, weights only, and activations only. It also
+measures the inputs of each attention matmul alone at those bits: q and k of q·kᵀ, the softmax output and v
+of softmax·v. Then the ILP allocates on those measured costs as if they added up, in one row with the
+attention matmuls' inputs as activation items of their own. This is the best an additive metric can do, since
 Ω_i(b) is the true ΔJ_i(b).
 
 The probes run on 16 images of one of two sets:
@@ -34,7 +36,8 @@ from common import write_json, write_section  # noqa: E402
 
 from lampq_jax.allocation import Budget, allocate_bits  # noqa: E402
 from lampq_jax.apply.calibration import batched_outputs  # noqa: E402
-from lampq_jax.apply.dynamic import DynamicQuantizer  # noqa: E402
+from lampq_jax.apply.dynamic import DynamicBits, DynamicQuantizer, dynamic_apply, dynamic_bits  # noqa: E402
+from lampq_jax.apply.static import static_module  # noqa: E402
 from lampq_jax.config import LampQConfig  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
@@ -59,6 +62,52 @@ def probe_pair(kind: str, bits: int) -> tuple[int, int]:
 def measured_curves(score, units: dict[str, list[str]], kind: str) -> np.ndarray:
     """[units, len(PROBE_BITS)] J with each unit alone quantized (`kind`), the rest in float."""
     return np.array([[score({p: probe_pair(kind, b) for p in paths}) for b in PROBE_BITS] for paths in units.values()])
+
+
+MATMULS = ("q·kᵀ", "softmax·v")  # the two attention matmuls, whose inputs are (q, k) and (softmax, v)
+
+
+def attention_state(act_params, attention: list[str], bits, attention_bits) -> DynamicBits:
+    """`DynamicBits` of an assignment whose attentions have two bit-widths {path: (q·kᵀ bits, softmax·v bits)}:
+    q and k at the first, v and the softmax output at the second (0: float)."""
+    state = dynamic_bits(act_params, attention, bits, {})
+    site_bits, softmax_bits = dict(state.site_bits), dict(state.softmax_bits)
+    for path, (qk, pv) in attention_bits.items():
+        site_bits[f"{path}/q"] = site_bits[f"{path}/k"] = np.int32(qk)
+        site_bits[f"{path}/v"] = softmax_bits[path] = np.int32(pv)
+    return DynamicBits(state.tables, site_bits, softmax_bits)
+
+
+def attention_curves(score, attention: list[str]) -> np.ndarray:
+    """[2 × attention modules, len(PROBE_BITS)] J with the inputs of one attention matmul alone quantized,
+    everything else in float; rows: (module 0, q·kᵀ), (module 0, softmax·v), (module 1, q·kᵀ), ..."""
+    pair = {"q·kᵀ": lambda b: (b, 0), "softmax·v": lambda b: (0, b)}
+    return np.array([[score({}, {p: pair[m](b)}) for b in PROBE_BITS] for p in attention for m in MATMULS])
+
+
+def allocations_with_attention(curves: dict[str, np.ndarray], num_weights, num_acts, matmul_acts,
+                               budget: float) -> tuple[list[tuple[int, int]], list[int]]:
+    """(units' (b_w, b_a), attention matmuls' bits) from one ILP on measured curves, W and A separate, where
+    the inputs of each attention matmul are an activation item too: the activation budget is the
+    element-weighted mean over the linear layers' inputs and q, k, v and the softmax output.
+
+    matmul_acts: (q·kᵀ input entries, softmax·v input entries) per example of one attention.
+    """
+    bits = np.array(PROBE_BITS)
+    m = len(bits)
+    w_index, a_index = (g.ravel() for g in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
+    units = len(num_weights)
+    attention = curves["attention"]
+    cost = np.concatenate([curves["weights"][:, w_index] + curves["activations"][:, a_index], attention[:, a_index]])
+    allowed = np.ones(cost.shape, bool)
+    allowed[units:] = w_index == a_index  # an attention item has no weights: one option per bit-width
+    attention_acts = np.tile(np.asarray(matmul_acts), len(attention) // 2)
+    choice = allocate_bits(cost, bits[w_index], bits[a_index],
+                           num_weights=np.concatenate([num_weights, np.zeros(len(attention), int)]),
+                           num_activations=np.concatenate([num_acts, attention_acts]),
+                           budget=Budget(avg_bits=budget, avg_act_bits=budget), allowed=allowed).choice
+    return ([(int(bits[w_index[j]]), int(bits[a_index[j]])) for j in choice[:units]],
+            [int(bits[a_index[j]]) for j in choice[units:]])
 
 
 def allocations(curves: dict[str, np.ndarray], num_weights, num_acts, budget: float) -> dict[str, list[tuple[int, int]]]:
@@ -102,9 +151,17 @@ def main() -> None:
     probe_sets = {"calibration": image_set(calibration[:16]), "evaluation (oracle)": image_set(evaluation[:16])}
     held_out = image_set(evaluation[16:])
 
+    static_model = static_module(model)
+
+    def run(x, bits, attention):
+        variables = {**dict(prep.variables), "params": dq.params({p: wb for p, (wb, _) in bits.items()})}
+        state = attention_state(prep.act_params, list(prep.attention), bits, attention or {})
+        return dynamic_apply(variables, state, x, model=static_model, kwargs=(("train", False),))
+
     def score(bits, data, attention=None):
+        """1 − cos on `data` with {path: (b_w, b_a)} and attentions {path: (q·kᵀ bits, softmax·v bits)}."""
         images, ref = data
-        return one_minus_cos(np.asarray(batched_outputs(lambda x: dq.apply(x, bits, attention), images, 16)), ref)
+        return one_minus_cos(np.asarray(batched_outputs(lambda x: run(x, bits, attention), images, 16)), ref)
 
     fixed = {l.path: (8, 8) for l in prep.layers if l.type in ("embed", "head")}
     allocated = [l for l in prep.layers if l.type not in ("embed", "head")]
@@ -114,47 +171,65 @@ def main() -> None:
     by_path = {l.path: l for l in allocated}
     num_weights = np.array([sum(by_path[p].num_weights for p in paths) for paths in units.values()])
     num_acts = np.array([sum(by_path[p].num_activations for p in paths) for paths in units.values()])
-    attention = {p: args.budget for p in prep.attention}
+    attention = {p: (args.budget, args.budget) for p in prep.attention}
 
-    def evaluate(unit_bits):
+    query = next(l for l in allocated if l.type == "qkv")
+    tokens = query.num_activations // query.weight_shape[0]
+    matmul_acts = (2 * query.num_activations, query.num_activations + model.num_heads * tokens ** 2)
+
+    def evaluate(unit_bits, attention_bits=None):
+        attention_bits = attention if attention_bits is None else attention_bits
         bits = {p: pair for paths, pair in zip(units.values(), unit_bits) for p in paths}
         by_type = {}
         for layer in allocated:
             by_type.setdefault(layer.type, []).append(bits[layer.path])
-        return {"held_out": score({**bits, **fixed}, held_out, attention),
-                "calibration": score({**bits, **fixed}, probe_sets["calibration"], attention),
+        by_type["attention"] = [(0, b) for pair in attention_bits.values() for b in pair]
+        return {"held_out": score({**bits, **fixed}, held_out, attention_bits),
+                "calibration": score({**bits, **fixed}, probe_sets["calibration"], attention_bits),
                 "by_type": {t: [float(np.mean([b[0] for b in v])), float(np.mean([b[1] for b in v]))]
                             for t, v in by_type.items()}}
 
     rows = [{"probes": "—", "allocation": f"uniform W{args.budget}A{args.budget}",
              **evaluate([(args.budget, args.budget)] * len(units))}]
-    sums = {}
+    sums, all_curves = {}, {}
     for name, data in probe_sets.items():
         curves = {kind: measured_curves(lambda bits: score(bits, data), units, kind) for kind in KINDS}
+        curves["attention"] = attention_curves(lambda bits, att: score(bits, data, att), list(prep.attention))
         sums[name] = {kind: float(c[:, PROBE_BITS.index(args.budget)].sum()) for kind, c in curves.items()}
+        all_curves[name] = {kind: c.tolist() for kind, c in curves.items()}
         for allocation, unit_bits in allocations(curves, num_weights, num_acts, args.budget).items():
             rows.append({"probes": name, "allocation": allocation, **evaluate(unit_bits)})
             print(rows[-1], flush=True)
+        unit_bits, matmul_bits = allocations_with_attention(curves, num_weights, num_acts, matmul_acts, args.budget)
+        attention_bits = {p: tuple(matmul_bits[2 * k:2 * k + 2]) for k, p in enumerate(prep.attention)}
+        rows.append({"probes": name, "allocation": "W and A separate, attention matmul inputs allocated too",
+                     "attention_bits": attention_bits, **evaluate(unit_bits, attention_bits)})
+        print(rows[-1], flush=True)
     uniform = rows[0]["held_out"]
     lines = ["| probes on | allocation | held-out 1 − cos | ratio to uniform | J on calibration crops | "
-             "mean bits W/A: qkv, proj, fc1, fc2 |", "|---|---|---:|---:|---:|---|"]
+             "mean bits W/A: qkv, proj, fc1, fc2 | mean attention bits |", "|---|---|---:|---:|---:|---|---:|"]
     for r in rows:
         mean_bits = ", ".join(f"{w:.2f}/{a:.2f}" for w, a in (r["by_type"][t] for t in ("qkv", "proj", "fc1", "fc2")))
         lines.append(f"| {r['probes']} | {r['allocation']} | {r['held_out']:.4f} | {r['held_out'] / uniform:.2f} "
-                     f"| {r['calibration']:.4f} | {mean_bits} |")
+                     f"| {r['calibration']:.4f} | {mean_bits} | {r['by_type']['attention'][1]:.2f} |")
     sum_lines = [f"- probes on {name}: sum over units of ΔJ alone at {args.budget} bits: tied {s['tied']:.4f}, "
-                 f"weights {s['weights']:.4f}, activations {s['activations']:.4f}; uniform's J on that set: "
+                 f"weights {s['weights']:.4f}, activations {s['activations']:.4f}, attention inputs {s['attention']:.4f}; "
+                 "uniform's J on that set: "
                  f"{score({**{p: (args.budget, args.budget) for p in by_path}, **fixed}, probe_sets[name], attention):.4f}"
                  for name, s in sums.items()]
     total = time.perf_counter() - start
     body = ("## Ceiling of additive allocation on the real ViT: ILP on measured single-unit costs (DINOv2-S/14)\n\n"
             f"Each of the 48 units probed alone (rest in float) at {PROBE_BITS} bits, tied / weights only / "
-            "activations only, on 16 crops; the ILP takes those measured ΔJ as Ω (average-bit budget "
+            "activations only, and the inputs of each of the 24 attention matmuls (q and k of q·kᵀ, softmax and v "
+            "of softmax·v) alone at the same bits, on 16 crops; the ILP takes those measured ΔJ as Ω (average-bit budget "
             f"{args.budget}, embed/head at 8). Scored on 16 evaluation crops that no probe saw, attention matmul "
-            f"inputs at {args.budget}. 'evaluation (oracle)' probes on the held-out domain itself.\n\n"
+            f"inputs at {args.budget} unless allocated. Where they are allocated, the activation budget is the mean "
+            "over all activation entries, the linear layers' inputs and q, k, v, softmax together (uniform's is the budget "
+            "too). 'evaluation (oracle)' probes on the held-out domain itself.\n\n"
             + "\n".join(lines) + "\n\n" + "\n".join(sum_lines) + f"\n\nWhole run: {total:.0f} s.")
     write_section("bench_real_vit_ceiling", body, " ".join(["python benchmarks/bench_real_vit_ceiling.py", *sys.argv[1:]]))
-    write_json("real_vit_ceiling.json", {"rows": rows, "sums": sums, "seconds": total})
+    write_json("real_vit_ceiling.json", {"rows": rows, "sums": sums, "probe_bits": PROBE_BITS, "units": list(units),
+                                         "attention": list(prep.attention), "curves": all_curves, "seconds": total})
 
 
 if __name__ == "__main__":
