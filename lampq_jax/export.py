@@ -47,18 +47,27 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.quant import packing
 from lampq_jax.quant.qtensor import QuantizedTensor, load_qtensors, save_qtensors
 
-if TYPE_CHECKING:
-    from lampq_jax.result import QuantizationResult
+
+class ExportableResult(Protocol):
+    """What export reads of a `lampq_jax.result.QuantizationResult`.
+
+    Typed by its fields, so that this module does not import `result` (which imports it for
+    `QuantizationResult.export`): imports stay one way.
+    """
+
+    quantized: QuantizedModel
+    method: str
 
 EXPORT_FORMAT = "lampq_jax.export/1"
 
@@ -221,7 +230,7 @@ def export_layer(kernel: jax.typing.ArrayLike, bits: int, out_axes: Sequence[int
     return QuantizedTensor.from_codes(codes, scale, zero_point, container_bits(bits), shape=shape, dtype=matrix.dtype)
 
 
-def export_result(result: "QuantizationResult") -> dict[str, QuantizedTensor]:
+def export_result(result: ExportableResult) -> dict[str, QuantizedTensor]:
     """Every quantized layer of `result` as packed low-bit codes at its weight bits.
 
     Args:
@@ -291,7 +300,7 @@ def _sidecar(path: Path) -> Path:
     return path.with_suffix(".json")
 
 
-def save_export(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor], result: "QuantizationResult") -> Path:
+def save_export(path: str | os.PathLike, tensors: Mapping[str, QuantizedTensor], result: ExportableResult) -> Path:
     """Writes `path` (.npz, the tensors) and its sidecar `path` with '.json' (bits and layout per layer).
 
     Both files are written to temporary files beside them and moved into place with `os.replace`,
