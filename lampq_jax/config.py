@@ -6,6 +6,7 @@ import dataclasses
 from typing import Optional
 
 from lampq_jax.layers.types import LAYER_TYPES
+from lampq_jax.quant import check_bits
 
 GRANULARITIES = ("layer", "module")
 ALPHA_MODES = ("probe", "mean", "none", "layer")  # α per type (probe / mean / none) or per unit (layer)
@@ -117,8 +118,9 @@ class LampQConfig:
     progress: bool = True
 
     def __post_init__(self):
-        bad = [b for b in self.candidates if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8]
-        if not self.candidates or bad or len(set(self.candidates)) != len(self.candidates):
+        for b in self.candidates:
+            check_bits(b, f"every candidate of {self.candidates}")
+        if not self.candidates or len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct integers in [2, 8], got {self.candidates}")
         object.__setattr__(self, "candidates", tuple(sorted(self.candidates)))
         choices = {
@@ -150,10 +152,11 @@ class LampQConfig:
             raise ValueError(f"damping must be in [0, 1), got {self.damping}")
         for name in ("min_bits", "max_bits"):
             for t, b in getattr(self, name):
-                if t not in LAYER_TYPES or not 2 <= b <= 8:
-                    raise ValueError(f"{name} entry {(t, b)} needs a type in {LAYER_TYPES} and bits in [2, 8]")
+                if t not in LAYER_TYPES:
+                    raise ValueError(f"{name} entry {(t, b)} needs a type in {LAYER_TYPES}")
+                check_bits(b, f"the bits of {name} entry {(t, b)}")
         for path, b in self.fixed_layers:
-            if not 2 <= b <= 8:
-                raise ValueError(f"fixed_layers entry {(path, b)}: bits must be in [2, 8]")
-        if not 2 <= self.fixed_bits <= 8 or (self.attn_bits is not None and not 2 <= self.attn_bits <= 8):
-            raise ValueError(f"fixed_bits={self.fixed_bits} and attn_bits={self.attn_bits} must be in [2, 8]")
+            check_bits(b, f"the bits of fixed_layers entry {(path, b)}")
+        check_bits(self.fixed_bits, "fixed_bits")
+        if self.attn_bits is not None:
+            check_bits(self.attn_bits, "attn_bits")

@@ -55,7 +55,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict
 
 from lampq_jax.apply.model import QuantizedModel
-from lampq_jax.quant import packing
+from lampq_jax.quant import check_bits, packing
 from lampq_jax.quant.qtensor import QuantizedTensor, load_qtensors, save_qtensors
 
 
@@ -83,9 +83,8 @@ def container_bits(bits: int) -> int:
     Raises:
       ValueError: `bits` is not an integer in [2, 8].
     """
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 2 <= int(bits) <= 8:
-        raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
-    return min(b for b in packing.SUPPORTED_BITS if b >= int(bits))
+    bits = check_bits(bits)
+    return min(b for b in packing.SUPPORTED_BITS if b >= bits)
 
 
 def kernel_permutation(ndim: int, out_axes: Sequence[int]) -> tuple[int, ...]:

@@ -112,6 +112,17 @@ def test_bad_labels_fail_before_the_ilp(tiny_setup, labels, message):
                            config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"))
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(fixed_bits=9), r"fixed_bits must be an integer in \[2, 8\], got 9"),
+    (dict(attn_bits=1), r"attn_bits must be an integer in \[2, 8\], got 1"),
+    (dict(candidates=(3, 4.5)), r"every candidate of \(3, 4.5\) must be an integer in \[2, 8\].*got 4.5"),
+    (dict(fixed_layers=(("a/b", 12),)), r"fixed_layers entry \('a/b', 12\) must be an integer in \[2, 8\], got 12"),
+    (dict(min_bits=(("fc2", 0),)), r"min_bits entry \('fc2', 0\) must be an integer in \[2, 8\], got 0"),
+])
+def test_bits_out_of_range_name_the_option(options, message):
+    with pytest.raises(ValueError, match=message):
+        LampQConfig(**options)
+
 def test_module_granularity_fixed_layers_and_bops(tiny_setup):
     model, variables, images = tiny_setup
     fixed = "Transformer/encoderblock_0/MlpBlock_0/Dense_1"

@@ -91,11 +91,9 @@ class QuantSpec:
             pair = bits[path]
             if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
                 raise ValueError(f"bits of {path!r} must be (weight bits, activation bits), got {pair!r}")
-            for b in pair:
-                if isinstance(b, bool) or not isinstance(b, int) or not 2 <= b <= 8:
-                    raise ValueError(f"bits of {path!r} must be integers in [2, 8], got {pair!r}")
-            entries.append((path, int(pair[0]), int(pair[1])))
-        attention = tuple(sorted((p, int(b)) for p, b in (attention_bits or {}).items()))
+            weight_bits, act_bits = (check_bits(b, f"bits of {path!r} {pair!r}") for b in pair)
+            entries.append((path, weight_bits, act_bits))
+        attention = tuple(sorted((p, check_bits(b, f"attention bits of {p!r}")) for p, b in (attention_bits or {}).items()))
         return cls(layers=tuple(entries), attention=attention,
                    weight_grid=tuple(weight_grid) if weight_grid is not None else None)
 

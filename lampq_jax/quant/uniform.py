@@ -44,11 +44,14 @@ class UniformParams(NamedTuple):
     zero_point: jax.Array
 
 
-def check_bits(bits: int) -> int:
+def check_bits(bits: int, what: str = "bits") -> int:
     """Returns `bits` as an int after checking it is an integer in [MIN_BITS, MAX_BITS].
+
+    The library's one check of a bit-width; every option and spec that holds bits goes through it.
 
     Args:
         bits: bit-width; a Python (or NumPy) integer, static under `jax.jit`.
+        what: how the message names the value, e.g. "fixed_bits" or "bits of 'encoderblock_0/fc1'".
 
     Returns:
         `int(bits)`.
@@ -59,11 +62,11 @@ def check_bits(bits: int) -> int:
     """
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
         raise ValueError(
-            f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}] (a static Python int under "
+            f"{what} must be an integer in [{MIN_BITS}, {MAX_BITS}] (a static Python int under "
             f"jax.jit), got {bits!r} of type {type(bits).__name__}"
         )
     if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be in [{MIN_BITS}, {MAX_BITS}], got {int(bits)}")
+        raise ValueError(f"{what} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {int(bits)}")
     return int(bits)
 
 
