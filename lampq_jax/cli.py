@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -109,14 +110,34 @@ def _cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
+# CLI flags that set a LampQConfig field: {flag: field}; the default, type and choices are the field's.
+CONFIG_FLAGS = {
+    "--candidates": "candidates", "--budget-kind": "budget_kind", "--granularity": "granularity",
+    "--alpha": "alpha", "--iterations": "iterations", "--probes": "probes", "--calibration": "calibration",
+    "--seed": "seed",
+}
+# Switches that set a boolean field: {flag: (field, the value the switch sets)}.
+CONFIG_SWITCHES = {
+    "--separate-wa": ("separate_weight_act_bits", True),
+    "--no-progress": ("progress", False),
+    "--no-metric-check": ("metric_check", False),
+}
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute name of a flag: '--budget-kind' → 'budget_kind'."""
+    return flag.lstrip("-").replace("-", "_")
+
+
 def _config(args: argparse.Namespace):
+    """The LampQConfig of the parsed flags (`CONFIG_FLAGS`, `CONFIG_SWITCHES` and a command's --output)."""
     from lampq_jax.config import LampQConfig
 
-    return LampQConfig(
-        candidates=tuple(args.candidates), budget_kind=args.budget_kind, granularity=args.granularity,
-        alpha=args.alpha, iterations=args.iterations, probes=args.probes, calibration=args.calibration,
-        separate_weight_act_bits=args.separate_wa, seed=args.seed, progress=not args.no_progress,
-        metric_check=not args.no_metric_check, output=getattr(args, "output", "logits"))
+    fields = {field: getattr(args, _dest(flag)) for flag, field in CONFIG_FLAGS.items()}
+    fields.update({field: value if getattr(args, _dest(flag)) else not value
+                   for flag, (field, value) in CONFIG_SWITCHES.items()})
+    fields["candidates"] = tuple(fields["candidates"])
+    return LampQConfig(**fields, output=getattr(args, "output", "logits"))
 
 
 class _Staging:
@@ -463,18 +484,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _add_method_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget", type=float, default=4.0, help="average bits (default 4)")
-    p.add_argument("--budget-kind", default="avg_bits", choices=["avg_bits", "bops", "model_bytes"])
-    p.add_argument("--candidates", type=int, nargs="+", default=[2, 3, 4, 5, 6, 8])
-    p.add_argument("--granularity", default="layer", choices=["layer", "module"])
-    p.add_argument("--alpha", default="probe", choices=["probe", "mean", "none", "layer"])
-    p.add_argument("--iterations", type=int, default=3)
-    p.add_argument("--probes", type=int, default=4)
-    p.add_argument("--calibration", default="mse", choices=["mse", "percentile", "minmax"])
-    p.add_argument("--separate-wa", action="store_true", help="separate weight and activation bits")
+    from lampq_jax.config import FIELD_CHOICES, LampQConfig
+
+    defaults = {f.name: f.default for f in dataclasses.fields(LampQConfig)}
+    for flag, field in CONFIG_FLAGS.items():
+        default = defaults[field]
+        if field in FIELD_CHOICES:
+            p.add_argument(flag, default=default, choices=FIELD_CHOICES[field], help=f"LampQConfig.{field}")
+        elif isinstance(default, tuple):
+            p.add_argument(flag, type=int, nargs="+", default=list(default), help=f"LampQConfig.{field}")
+        else:
+            p.add_argument(flag, type=type(default), default=default, help=f"LampQConfig.{field} (default {default})")
+    for flag, (field, value) in CONFIG_SWITCHES.items():
+        p.add_argument(flag, action="store_true", help=f"LampQConfig.{field}={value}")
     p.add_argument("--num-calib", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-metric-check", action="store_true")
     p.add_argument("--finetune-steps", type=int, default=0,
                    help="quantization-aware fine-tuning after allocation: Adam steps of distillation to the FP "
                         "model on the calibration images (default 0: none)")

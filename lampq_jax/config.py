@@ -5,12 +5,14 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional
 
+from lampq_jax.allocation.ilp import BUDGET_KINDS as ALLOCATION_BUDGET_KINDS
 from lampq_jax.layers.types import LAYER_TYPES
 from lampq_jax.quant import check_bits
 
 GRANULARITIES = ("layer", "module")
 ALPHA_MODES = ("probe", "mean", "none", "layer")  # α per type (probe / mean / none) or per unit (layer)
-BUDGET_KINDS = ("avg_bits", "bops", "model_bytes")
+# The budgets a user picks: the ILP's kinds but the activation average, which `separate_weight_act_bits` adds.
+BUDGET_KINDS = tuple(kind for kind in ALLOCATION_BUDGET_KINDS if kind != "avg_act_bits")
 CHANNEL_TYPES_DEFAULT = ("qkv", "proj", "fc1", "fc2")  # layer types whose inputs are quantized per channel
 QK_CALIBRATIONS = ("minmax", "same")  # range method of the q·kᵀ inputs: min-max, or the `calibration` method
 QK_CALIBRATION_DEFAULT = "minmax"
@@ -39,6 +41,16 @@ def check_types(types: tuple[str, ...], name: str) -> tuple[str, ...]:
         raise ValueError(f"{name} must be a tuple of layer types from {LAYER_TYPES}, got {types!r}")
     return tuple(types)
 
+# {LampQConfig field: its allowed values}, for the checks and for the CLI's choices.
+FIELD_CHOICES = {
+    "budget_kind": BUDGET_KINDS,
+    "granularity": GRANULARITIES,
+    "alpha": ALPHA_MODES,
+    "calibration": ("mse", "percentile", "minmax"),
+    "fisher": ("auto", "empirical", "true"),
+    "output": ("logits", "features"),
+    "metric": ("fisher", "vtptq", "random"),
+}
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LampQConfig:
@@ -123,16 +135,7 @@ class LampQConfig:
         if not self.candidates or len(set(self.candidates)) != len(self.candidates):
             raise ValueError(f"candidates must be distinct integers in [2, 8], got {self.candidates}")
         object.__setattr__(self, "candidates", tuple(sorted(self.candidates)))
-        choices = {
-            "budget_kind": BUDGET_KINDS,
-            "granularity": GRANULARITIES,
-            "alpha": ALPHA_MODES,
-            "calibration": ("mse", "percentile", "minmax"),
-            "fisher": ("auto", "empirical", "true"),
-            "output": ("logits", "features"),
-            "metric": ("fisher", "vtptq", "random"),
-        }
-        for name, allowed in choices.items():
+        for name, allowed in FIELD_CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
         check_types(self.channel_types, "channel_types")

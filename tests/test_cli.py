@@ -9,7 +9,7 @@ import pytest
 
 from conftest import randomize_head, tiny_vit
 from invented_vit import RULES, InventedBackbone
-from lampq_jax import create_vit
+from lampq_jax import LampQConfig, create_vit
 from lampq_jax.cli import load_calibration, main
 from lampq_jax.layers import NO_ATTENTION_LINE
 
@@ -241,3 +241,19 @@ def test_load_calibration_npy_folder_used_as_is(photo_folder, tmp_path):
     (tmp_path / "x.jpg").write_bytes((photo_folder / "0_astronaut.jpg").read_bytes())
     with pytest.raises(ValueError, match=r"mixes 1 JPEG/PNG image\(s\) and 3 .npy array\(s\)"):
         load_calibration(str(tmp_path), image_size=28, normalization="unit")
+
+
+def test_cli_method_options_are_lampq_config_fields():
+    """Defaults come from LampQConfig; each flag and switch reaches its field."""
+    from lampq_jax.cli import _config, build_parser
+
+    base = ["quantize", "--checkpoint", "c.msgpack", "--out", "o"]
+    assert _config(build_parser().parse_args(base)) == LampQConfig()
+    args = build_parser().parse_args(base + [
+        "--candidates", "8", "4", "--budget-kind", "bops", "--granularity", "module", "--alpha", "none",
+        "--iterations", "1", "--probes", "2", "--calibration", "minmax", "--seed", "5",
+        "--separate-wa", "--no-progress", "--no-metric-check", "--output", "features"])
+    assert _config(args) == LampQConfig(
+        candidates=(4, 8), budget_kind="bops", granularity="module", alpha="none", iterations=1, probes=2,
+        calibration="minmax", seed=5, separate_weight_act_bits=True, progress=False, metric_check=False,
+        output="features")
