@@ -137,7 +137,7 @@ def main() -> None:
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
     config = LampQConfig()
     prep = _prepare(model, variables, calibration, rules=(), calibration=config.calibration,
-                    channel_types=config.channel_types, center_keys=config.center_keys,
+                    channel_types=config.channel_types, minmax_types=config.minmax_types, center_keys=config.center_keys,
                     qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
                     weight_method=config.weight_method, batch_size=32, timer=_Timer(), mesh=None,
                     apply_kwargs={"train": False})

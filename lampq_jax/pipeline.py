@@ -22,13 +22,20 @@ from lampq_jax.apply import (
     find_attention_paths,
 )
 from lampq_jax.apply.fake import quant_point
-from lampq_jax.apply.calibration import ActivationParams, attention_minmax_sites, batched_outputs, channel_input_sites
+from lampq_jax.apply.calibration import (
+    ActivationParams,
+    attention_minmax_sites,
+    batched_outputs,
+    channel_input_sites,
+    layer_input_sites,
+)
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.hessians import input_hessians
 from lampq_jax.apply.equalize import center_keys as center_key_means, equalize_query_key
 from lampq_jax.config import (
     CHANNEL_TYPES_DEFAULT,
+    MINMAX_TYPES_DEFAULT,
     QK_CALIBRATION_DEFAULT,
     WEIGHT_METHOD_DEFAULT,
     LampQConfig,
@@ -130,7 +137,8 @@ class _Prepared:
 
 
 def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, center_keys, qk_calibration,
-             equalize_qk, weight_method, batch_size, timer, mesh, apply_kwargs) -> _Prepared:
+             equalize_qk, weight_method, batch_size, timer, mesh, apply_kwargs,
+             minmax_types=MINMAX_TYPES_DEFAULT) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
         layers = find_layers(model, variables, images[:1], rules=rules, **apply_kwargs)
@@ -144,6 +152,7 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
             variables = equalize_query_key(model, variables, images, attention, batch_size=max(batch_size, 32),
                                            mesh=mesh, **apply_kwargs)
         minmax_sites = attention_minmax_sites(attention) if qk_calibration == "minmax" else frozenset()
+        minmax_sites |= layer_input_sites(layers, minmax_types)
         act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
                                            channel_sites=channel_input_sites(layers, channel_types),
                                            minmax_sites=minmax_sites, mesh=mesh, **apply_kwargs)
@@ -153,7 +162,8 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         replicated = replicate(variables, mesh)
         fp_outputs = jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
-    base = {"channel_types": list(channel_types), "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
+    base = {"channel_types": list(channel_types), "minmax_types": list(minmax_types),
+            "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
             "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
             "keys_not_centered_no_bias": uncentered if center_keys else [], "weight_method": weight_method,
             "gptq_layers": len(hessians or {})}
@@ -172,6 +182,7 @@ def quantize_uniform(
     attn_bits: Optional[int] = None,
     calibration: str = "mse",
     channel_types: tuple[str, ...] = CHANNEL_TYPES_DEFAULT,
+    minmax_types: tuple[str, ...] = MINMAX_TYPES_DEFAULT,
     center_keys: bool = True,
     qk_calibration: str = QK_CALIBRATION_DEFAULT,
     equalize_qk: bool = False,
@@ -192,6 +203,8 @@ def quantize_uniform(
       calibration: activation range method, 'mse', 'percentile' or 'minmax'.
       channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv / fc1,
         the attention output of proj, post-GELU fc2); () for per-tensor everywhere.
+      minmax_types: layer types whose inputs are calibrated min-max whatever `calibration`, e.g. ('embed',)
+        for the image (default none; `LampQConfig.minmax_types`).
       center_keys: fold each attention's mean key out of its key bias (exact in float;
         `lampq_jax.apply.equalize.center_keys`).
       qk_calibration: range method of the q·kᵀ inputs: 'minmax' (default) or 'same' (as `calibration`).
@@ -214,6 +227,7 @@ def quantize_uniform(
     attn_bits = bits if attn_bits is None else check_bits(attn_bits)
     timer = _Timer()
     check_types(channel_types, "channel_types")
+    check_types(minmax_types, "minmax_types")
     check_qk_calibration(qk_calibration)
     check_weight_method(weight_method)
     calib_images, synthetic, zs_entry = calibration_set(model, variables, calib_images, zero_shot, output="logits",
@@ -221,7 +235,7 @@ def quantize_uniform(
     prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
                     center_keys=center_keys, qk_calibration=qk_calibration, equalize_qk=equalize_qk,
                     weight_method=weight_method, batch_size=batch_size, timer=timer, mesh=mesh,
-                    apply_kwargs=apply_kwargs)
+                    apply_kwargs=apply_kwargs, minmax_types=minmax_types)
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
     return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
@@ -466,7 +480,7 @@ def quantize(
                     channel_types=config.channel_types, center_keys=config.center_keys,
                     qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
                     weight_method=config.weight_method, batch_size=config.batch_size, timer=timer, mesh=mesh,
-                    apply_kwargs=apply_kwargs)
+                    apply_kwargs=apply_kwargs, minmax_types=config.minmax_types)
     variables = prep.variables
     layers, images = prep.layers, prep.images
     if labels is not None:

@@ -252,6 +252,12 @@ def channel_input_sites(layers: Iterable[Any], types: Iterable[str]) -> dict[str
     return sites
 
 
+def layer_input_sites(layers: Iterable[Any], types: Iterable[str]) -> frozenset[str]:
+    """The input sites (their paths) of the layers of `types`, e.g. the patch embedding's for ('embed',)."""
+    types = frozenset(types)
+    return frozenset(l.path for l in layers if l.type in types)
+
+
 def attention_minmax_sites(attention_paths: Iterable[str]) -> frozenset[str]:
     """The q and k sites (the inputs of q·kᵀ) of every attention: calibrated by min-max (module docstring)."""
     return frozenset(f"{p}/{s}" for p in attention_paths for s in ("q", "k"))

@@ -113,3 +113,20 @@ def test_silent_channels_get_the_median_range():
     hi = (15 - zero) * scale
     assert SILENT_CHANNEL > 0 and hi[0] >= np.median(x.max(0)) - scale[0]  # widened to the median channel's max
     np.testing.assert_allclose(hi[1:], x[:, 1:].max(0), atol=float(scale.max()))  # the others keep their own
+
+
+def test_minmax_types_keep_the_embedding_input_range(tiny_vit):
+    """minmax_types=('embed',) calibrates the image (the patch embedding's input) min-max; the default clips."""
+    model, variables, images = tiny_vit
+    kept = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn",
+                                      minmax_types=("embed",))
+    clipped = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn")
+    (site,) = [l.path for l in kept.quantized.layers if l.type == "embed"]
+    scale, zero_point = np.asarray(kept.quantized.act_params[site][8])
+    np.testing.assert_allclose(scale, (images.max() - images.min()) / 255, rtol=1e-5)
+    np.testing.assert_allclose(zero_point, np.round(-images.min() / scale), atol=1)
+    assert np.asarray(clipped.quantized.act_params[site][8])[0] < 0.99 * scale  # MSE clips the Gaussian tails
+    assert kept.report["base_quantizers"]["minmax_types"] == ["embed"]
+    assert clipped.report["base_quantizers"]["minmax_types"] == []
+    with pytest.raises(ValueError, match="minmax_types"):
+        lampq_jax.quantize_uniform(model, variables, images, 8, train=False, minmax_types=("patch",))
