@@ -41,9 +41,22 @@ def class_cosine(out, ref) -> float:
     return float(cos[:, 0].mean())
 
 
+def prepared_float_variables(variables, quantized):
+    """The float kernels of `variables` with every other leaf from the result (its key biases are centered).
+
+    The result's own variables hold fake-quantized kernels, and calibration saw the model after key
+    centering (`LampQConfig.center_keys`), so a part run on the raw `variables` would put the keys off
+    the grid their quantizer was calibrated on.
+    """
+    def pick(path, raw, prepared):
+        return raw if jax.tree_util.keystr(path).endswith("['kernel']") else prepared
+    return jax.tree_util.tree_map_with_path(pick, variables, quantized.variables)
+
+
 def part_runs(model, variables, result, images, ref, measure):
     """{part: measure(output)} with one part quantized at the result's bits, the rest in float."""
     quantized = result.quantized
+    variables = prepared_float_variables(variables, quantized)
     layers, bits = quantized.layers, quantized.spec.bits
     attention = [p for p, _ in quantized.spec.attention]
     attn_bits = dict(quantized.spec.attention)
