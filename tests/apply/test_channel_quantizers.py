@@ -1,7 +1,6 @@
 """Per-channel activation quantizers, the token output, and quantization error on a 197-token ViT."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -19,7 +18,7 @@ def tiny_vit():
 
 
 def test_return_tokens_gives_every_token_and_checks_the_head():
-    model, variables, images = None, None, np.zeros([2, 32, 32, 3], np.float32)
+    images = np.zeros([2, 32, 32, 3], np.float32)
     pooled = lampq_jax.create_vit("mu/8", None, num_layers=1)
     variables = pooled.init(jax.random.key(0), images, train=False)
     tokens = pooled.clone(return_tokens=True).apply(variables, images, train=False)
