@@ -41,8 +41,9 @@ def run_method(name, model, variables, calib, budget, seed):
         return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
     if name == "random":
         return lampq_jax.quantize_random(model, variables, calib, budget=budget, seed=seed, config=base, train=False)
-    return lampq_jax.quantize(model, variables, calib, budget=budget, config=lampq_jax.baseline_config(name, base),
-                              train=False)
+    return lampq_jax.quantize(
+        model, variables, calib, budget=budget, config=lampq_jax.baseline_config(name, base), train=False
+    )
 
 
 def main() -> None:
@@ -75,8 +76,9 @@ def main() -> None:
                 result = run_method(name, model, variables, calib, budget, seed)
                 seconds = time.perf_counter() - start
                 q = result.quantized
-                dq = DynamicQuantizer(model, variables, q.layers, [p for p, _ in q.spec.attention], q.act_params,
-                                      {"train": False})
+                dq = DynamicQuantizer(
+                    model, variables, q.layers, [p for p, _ in q.spec.attention], q.act_params, {"train": False}
+                )
                 value = evaluate(dq, result, test_images, test_labels)
                 acc.setdefault(f"{budget:g}", {}).setdefault(name, []).append(value)
                 run_times.setdefault(name, []).append(seconds)
@@ -85,8 +87,11 @@ def main() -> None:
                         spearman[mode].append(r)
                     for stage, t in result.timings.items():
                         stage_times.setdefault(stage, []).append(t)
-                print(f"seed {seed} budget {budget:g} {name:8s} {value:6.2f} %  "
-                      f"(avg W bits {result.report['avg_weight_bits_allocated']:.3f}, {seconds:.1f} s)", flush=True)
+                print(
+                    f"seed {seed} budget {budget:g} {name:8s} {value:6.2f} %  "
+                    f"(avg W bits {result.report['avg_weight_bits_allocated']:.3f}, {seconds:.1f} s)",
+                    flush=True,
+                )
 
     summary = {b: {m: [float(np.mean(v)), float(np.std(v))] for m, v in methods.items()} for b, methods in acc.items()}
     rho = {m: float(np.mean(v)) for m, v in spearman.items() if v}
@@ -96,11 +101,16 @@ def main() -> None:
         return f"{summary[b][m][0]:.2f} ± {summary[b][m][1]:.2f}" if m in summary.get(b, {}) else "—"
 
     budgets = [f"{b:g}" for b in args.budgets]
-    lines = ["## Accuracy on Fashion-MNIST (embedded ViT, 10,000 test images)", "",
-             f"Full precision: **{fp_acc:.2f} %**. {args.num_calib} calibration images (held-out training images), "
-             f"{args.seeds} seeds, mean ± std; W/A bits tied; embed and head at 8 bits; attention inputs at the "
-             "budget rounded.", "",
-             "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |", "|---|" + "---:|" * len(budgets)]
+    lines = [
+        "## Accuracy on Fashion-MNIST (embedded ViT, 10,000 test images)",
+        "",
+        f"Full precision: **{fp_acc:.2f} %**. {args.num_calib} calibration images (held-out training images), "
+        f"{args.seeds} seeds, mean ± std; W/A bits tied; embed and head at 8 bits; attention inputs at the "
+        "budget rounded.",
+        "",
+        "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
     for m in METHODS:
         lines.append(f"| {m} | " + " | ".join(cell(b, m) for b in budgets) + " |")
 
@@ -116,25 +126,43 @@ def main() -> None:
     goals = []
     for b in ("3", "4"):
         for other in ("uniform", "hawq", "vtptq"):
-            goals.append((f"LampQ above {other} at {b} bits ({margin('lampq', other, b)})",
-                          beats("lampq", other, b)))
+            goals.append((f"LampQ above {other} at {b} bits ({margin('lampq', other, b)})", beats("lampq", other, b)))
     if "6" in summary:
         s = summary["6"]
-        goals.append(("LampQ not below uniform at 6 bits (within the seeds' spread)",
-                      s["lampq"][0] >= s["uniform"][0] - max(s["lampq"][1], s["uniform"][1])))
+        goals.append(
+            (
+                "LampQ not below uniform at 6 bits (within the seeds' spread)",
+                s["lampq"][0] >= s["uniform"][0] - max(s["lampq"][1], s["uniform"][1]),
+            )
+        )
     for ablation, idea in (("no_i1", "I1"), ("no_i2", "I2"), ("no_i3", "I3")):
-        goals.append((f"{idea} adds accuracy (LampQ above {ablation}) at 3 and 4 bits "
-                      f"(3: {margin('lampq', ablation, '3')}; 4: {margin('lampq', ablation, '4')})",
-                      all(beats("lampq", ablation, b) for b in ("3", "4"))))
+        goals.append(
+            (
+                f"{idea} adds accuracy (LampQ above {ablation}) at 3 and 4 bits "
+                f"(3: {margin('lampq', ablation, '3')}; 4: {margin('lampq', ablation, '4')})",
+                all(beats("lampq", ablation, b) for b in ("3", "4")),
+            )
+        )
     lines += ["", "Goals:", ""] + [f"- {g}: {'met' if ok else '**not met**'}" for g, ok in goals]
-    lines += ["", "Metric check (Spearman of Ω at 2 bits against the measured loss increase of each layer alone, "
-              "mean over seeds): " + ", ".join(f"α = {m}: {r:.3f}" for m, r in rho.items())]
-    lines += ["", "Mean seconds per run: " + ", ".join(f"{m} {np.mean(t):.1f}" for m, t in run_times.items())
-              + ". LampQ stages (mean s): " + ", ".join(f"{s} {np.mean(t):.2f}" for s, t in stage_times.items())
-              + " (the first run of each kind includes compilation)."]
-    write_section("bench_accuracy", "\n".join(lines),
-                  f"python benchmarks/bench_accuracy.py --seeds {args.seeds} --budgets "
-                  + " ".join(f"{b:g}" for b in args.budgets))
+    lines += [
+        "",
+        "Metric check (Spearman of Ω at 2 bits against the measured loss increase of each layer alone, "
+        "mean over seeds): " + ", ".join(f"α = {m}: {r:.3f}" for m, r in rho.items()),
+    ]
+    lines += [
+        "",
+        "Mean seconds per run: "
+        + ", ".join(f"{m} {np.mean(t):.1f}" for m, t in run_times.items())
+        + ". LampQ stages (mean s): "
+        + ", ".join(f"{s} {np.mean(t):.2f}" for s, t in stage_times.items())
+        + " (the first run of each kind includes compilation).",
+    ]
+    write_section(
+        "bench_accuracy",
+        "\n".join(lines),
+        f"python benchmarks/bench_accuracy.py --seeds {args.seeds} --budgets "
+        + " ".join(f"{b:g}" for b in args.budgets),
+    )
     print("\n".join(lines))
 
 

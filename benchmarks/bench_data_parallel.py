@@ -48,7 +48,7 @@ def main() -> None:
     assert jax.device_count() == ARGS.devices, jax.devices()
     model, variables, _ = load_embedded_model()
     data = load_embedded_subset()
-    calib = data["calib_images"][:ARGS.calib]
+    calib = data["calib_images"][: ARGS.calib]
     test_x, test_y = data["test_images"], data["test_labels"]
     config = lampq_jax.LampQConfig(progress=False)
     meshes = {"1 device": lampq_jax.data_mesh(jax.devices()[:1]), f"{ARGS.devices} devices": lampq_jax.data_mesh()}
@@ -62,35 +62,65 @@ def main() -> None:
             results[name] = result
             print(name, {k: round(v, 2) for k, v in runs[name][-1].items()}, flush=True)
     one, many = (results[n] for n in meshes)
-    fisher_rel = max(abs(a["fisher_w"] - b["fisher_w"]) / abs(b["fisher_w"])
-                     for a, b in zip(many.report["layers"], one.report["layers"]))
-    acc = {n: accuracy(lambda x, r=r: r.apply(x, train=False), test_x, test_y, mesh=meshes[n])
-           for n, r in results.items()}
+    fisher_rel = max(
+        abs(a["fisher_w"] - b["fisher_w"]) / abs(b["fisher_w"])
+        for a, b in zip(many.report["layers"], one.report["layers"])
+    )
+    acc = {
+        n: accuracy(lambda x, r=r: r.apply(x, train=False), test_x, test_y, mesh=meshes[n]) for n, r in results.items()
+    }
     rows = []
     for stage in STAGES + ("total",):
         cold = [runs[n][0].get(stage, 0.0) for n in meshes]
         warm = [statistics.median(r.get(stage, 0.0) for r in runs[n][1:]) for n in meshes]
-        rows.append([stage, f"{cold[0]:.2f}", f"{cold[1]:.2f}", f"{warm[0]:.2f}", f"{warm[1]:.2f}",
-                     f"{warm[1] / warm[0]:.2f}" if warm[0] > 0.005 else "–"])
+        rows.append(
+            [
+                stage,
+                f"{cold[0]:.2f}",
+                f"{cold[1]:.2f}",
+                f"{warm[0]:.2f}",
+                f"{warm[1]:.2f}",
+                f"{warm[1] / warm[0]:.2f}" if warm[0] > 0.005 else "–",
+            ]
+        )
     names = list(meshes)
-    body = "\n".join([
-        "## Data-parallel LampQ on fake CPU devices (`bench_data_parallel.py`)",
-        "",
-        f"LampQ at 4 average bits on the embedded ViT, {ARGS.calib} calibration images, default config. Seconds by "
-        f"stage: the first run (compiles) and the median of {ARGS.repeats} later runs; both meshes in one process "
-        f"with {ARGS.devices} fake CPU devices on {os.cpu_count()} cores. Fake devices share the cores, so the "
-        "ratio is the overhead of sharding, not a speed-up; real scaling needs real devices.",
-        "",
-        markdown_table(["stage", f"{names[0]}, first", f"{names[1]}, first", f"{names[0]}, median",
-                        f"{names[1]}, median", "ratio"], rows),
-        "",
-        f"Same bits: {one.bits == many.bits}; same J: {one.report['J']:.6g} vs {many.report['J']:.6g}; "
-        f"weight Fisher traces: max relative difference {fisher_rel:.1e}; test accuracy (2,000 embedded images) "
-        f"{acc[names[0]]:.2f} vs {acc[names[1]]:.2f}.",
-    ])
+    body = "\n".join(
+        [
+            "## Data-parallel LampQ on fake CPU devices (`bench_data_parallel.py`)",
+            "",
+            f"LampQ at 4 average bits on the embedded ViT, {ARGS.calib} calibration images, default config. Seconds by "
+            f"stage: the first run (compiles) and the median of {ARGS.repeats} later runs; both meshes in one process "
+            f"with {ARGS.devices} fake CPU devices on {os.cpu_count()} cores. Fake devices share the cores, so the "
+            "ratio is the overhead of sharding, not a speed-up; real scaling needs real devices.",
+            "",
+            markdown_table(
+                [
+                    "stage",
+                    f"{names[0]}, first",
+                    f"{names[1]}, first",
+                    f"{names[0]}, median",
+                    f"{names[1]}, median",
+                    "ratio",
+                ],
+                rows,
+            ),
+            "",
+            f"Same bits: {one.bits == many.bits}; same J: {one.report['J']:.6g} vs {many.report['J']:.6g}; "
+            f"weight Fisher traces: max relative difference {fisher_rel:.1e}; test accuracy (2,000 embedded images) "
+            f"{acc[names[0]]:.2f} vs {acc[names[1]]:.2f}.",
+        ]
+    )
     write_section("bench_data_parallel", body, "python benchmarks/bench_data_parallel.py " + " ".join(sys.argv[1:]))
-    write_json("bench_data_parallel.json", {"runs": runs, "same_bits": one.bits == many.bits, "J": [
-        one.report["J"], many.report["J"]], "fisher_w_max_rel": fisher_rel, "accuracy": acc})
+    write_json(
+        "bench_data_parallel.json",
+        {
+            "runs": runs,
+            "same_bits": one.bits == many.bits,
+            "J": [one.report["J"], many.report["J"]],
+            "fisher_w_max_rel": fisher_rel,
+            "accuracy": acc,
+        },
+    )
     print(body)
 
 

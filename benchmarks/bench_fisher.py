@@ -99,14 +99,23 @@ TRACE_RTOL = 1e-3
 
 SPECS: dict[str, dict[str, Any]] = {
     "vit_s16": dict(
-        timm=dict(img_size=224, patch_size=16, in_chans=3, num_classes=1000, embed_dim=384, depth=12,
-                  num_heads=6, mlp_ratio=4.0),
+        timm=dict(
+            img_size=224,
+            patch_size=16,
+            in_chans=3,
+            num_classes=1000,
+            embed_dim=384,
+            depth=12,
+            num_heads=6,
+            mlp_ratio=4.0,
+        ),
         variant=("S/16", 1000, dict(gelu_approximate=False, layer_norm_epsilon=1e-6)),
         label="ViT-S/16, 224²×3, 1000 classes",
     ),
     "small_vit": dict(
-        timm=dict(img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6,
-                  num_heads=3, mlp_ratio=4.0),
+        timm=dict(
+            img_size=28, patch_size=4, in_chans=1, num_classes=10, embed_dim=192, depth=6, num_heads=3, mlp_ratio=4.0
+        ),
         variant=("Ti/4", 10, dict(num_layers=6, gelu_approximate=False, layer_norm_epsilon=1e-6)),
         label="small ViT (depth 6, width 192, 3 heads, MLP 768), 28²×1, patch 4, 10 classes",
     ),
@@ -157,9 +166,21 @@ def setup(name: str, n_max: int) -> dict[str, Any]:
     model = build_model(config)
     variant, classes, overrides = spec["variant"]
     reference = create_vit(variant, classes, **overrides)
-    fields = ("num_classes", "hidden_size", "num_layers", "mlp_dim", "num_heads", "patch_size", "classifier",
-              "representation_size", "layer_norm_epsilon", "gelu_approximate")
-    mismatch = {f: (getattr(model, f), getattr(reference, f)) for f in fields if getattr(model, f) != getattr(reference, f)}
+    fields = (
+        "num_classes",
+        "hidden_size",
+        "num_layers",
+        "mlp_dim",
+        "num_heads",
+        "patch_size",
+        "classifier",
+        "representation_size",
+        "layer_norm_epsilon",
+        "gelu_approximate",
+    )
+    mismatch = {
+        f: (getattr(model, f), getattr(reference, f)) for f in fields if getattr(model, f) != getattr(reference, f)
+    }
     if mismatch:
         raise SystemExit(f"{name}: converted config differs from create_vit{spec['variant'][:2]}: {mismatch}")
     t = spec["timm"]
@@ -168,8 +189,13 @@ def setup(name: str, n_max: int) -> dict[str, Any]:
     labels = rng.integers(0, t["num_classes"], n_max)
     layers = find_layers(model, variables, jnp.asarray(images[:1]), train=False)
     return dict(
-        name=name, tmodel=tmodel, model=model, variables=variables, layers=layers,
-        images=jnp.asarray(images), labels=jnp.asarray(labels),
+        name=name,
+        tmodel=tmodel,
+        model=model,
+        variables=variables,
+        layers=layers,
+        images=jnp.asarray(images),
+        labels=jnp.asarray(labels),
         timages=torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2))),
         tlabels=torch.from_numpy(labels).long(),
         tonehot=torch.nn.functional.one_hot(torch.from_numpy(labels).long(), t["num_classes"]).float(),
@@ -220,9 +246,13 @@ class TorchFisher:
         probes = []
         for n in self.names:
             if n.endswith("attn.qkv"):
-                probes.append(modules[n].register_forward_hook(lambda m, a, o, n=n: shapes.__setitem__(n, tuple(o.shape))))
+                probes.append(
+                    modules[n].register_forward_hook(lambda m, a, o, n=n: shapes.__setitem__(n, tuple(o.shape)))
+                )
             else:
-                probes.append(modules[n].register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, tuple(a[0].shape))))
+                probes.append(
+                    modules[n].register_forward_pre_hook(lambda m, a, n=n: shapes.__setitem__(n, tuple(a[0].shape)))
+                )
         with torch.no_grad():
             tmodel(sample[:1])
         for h in probes:
@@ -239,6 +269,7 @@ class TorchFisher:
             if self.perts is None:
                 return None
             return (args[0] + self.perts[name],) + tuple(args[1:])
+
         return hook
 
     def _add_to_output(self, name: str):
@@ -246,6 +277,7 @@ class TorchFisher:
             if self.perts is None:
                 return None
             return output + self.perts[name]
+
         return hook
 
     def set_fused_attention(self, fused: bool) -> None:
@@ -309,8 +341,11 @@ class TorchFisher:
                 grads = torch.autograd.grad(loss, wl + [perts[n] for n in self.names])
                 k = len(wl)
                 with torch.no_grad():
-                    wn, an = self.norms(dict(zip(self.names, grads[:k])), dict(zip(self.names, grads[k:])),
-                                        {n: t.detach() for n, t in self.weights.items()})
+                    wn, an = self.norms(
+                        dict(zip(self.names, grads[:k])),
+                        dict(zip(self.names, grads[k:])),
+                        {n: t.detach() for n, t in self.weights.items()},
+                    )
                 wsum += wn
                 asum += an
         finally:
@@ -351,7 +386,9 @@ def jax_batch_grad_fn(s: dict[str, Any], n: int) -> Callable[[], Any]:
     return lambda: step(params, x, y)
 
 
-def jax_fisher_fn(s: dict[str, Any], n: int, k: int, log: list[dict[str, float]] | None = None, keep: dict | None = None):
+def jax_fisher_fn(
+    s: dict[str, Any], n: int, k: int, log: list[dict[str, float]] | None = None, keep: dict | None = None
+):
     x, y = s["images"][:n], s["labels"][:n]
 
     def call():
@@ -369,7 +406,9 @@ def jax_fisher_fn(s: dict[str, Any], n: int, k: int, log: list[dict[str, float]]
     return call
 
 
-def timed(fn: Callable[[], Any], log: list[float], keep: dict | None = None, threads: int | None = None) -> Callable[[], Any]:
+def timed(
+    fn: Callable[[], Any], log: list[float], keep: dict | None = None, threads: int | None = None
+) -> Callable[[], Any]:
     def call():
         if threads is not None:
             torch.set_num_threads(threads)
@@ -393,8 +432,12 @@ def make_ways(s: dict[str, Any], tf: TorchFisher, n: int, ks_jax, ks_torch, samp
     x, oh, lab = s["timages"][:n], s["tonehot"][:n], s["tlabels"][:n]
     for k in ks_torch:
         name = f"torch_vmap_k{k}"
-        ways[name] = timed(lambda k=k: tf.vmap_traces(x, oh, k), samples[name], keeps.setdefault(name, {}), TORCH_THREADS)
-    ways["torch_loop"] = timed(lambda: tf.loop_traces(x, lab), samples["torch_loop"], keeps.setdefault("torch_loop", {}), TORCH_THREADS)
+        ways[name] = timed(
+            lambda k=k: tf.vmap_traces(x, oh, k), samples[name], keeps.setdefault(name, {}), TORCH_THREADS
+        )
+    ways["torch_loop"] = timed(
+        lambda: tf.loop_traces(x, lab), samples["torch_loop"], keeps.setdefault("torch_loop", {}), TORCH_THREADS
+    )
     ways["torch_batch_grad"] = timed(lambda: tf.batch_grad(x, lab), samples["torch_batch_grad"], None, TORCH_THREADS)
     return ways
 
@@ -405,9 +448,15 @@ def thread_check(s: dict[str, Any], tf: TorchFisher, n: int) -> dict[str, float]
     samples: dict[str, list[float]] = defaultdict(list)
     ways = {}
     for threads in (1, 2):
-        ways[f"torch_loop@{threads}t"] = timed(lambda: tf.loop_traces(x, lab), samples[f"torch_loop@{threads}t"], None, threads)
-        ways[f"torch_vmap_k8@{threads}t"] = timed(lambda: tf.vmap_traces(x, oh, 8), samples[f"torch_vmap_k8@{threads}t"], None, threads)
-        ways[f"torch_batch_grad@{threads}t"] = timed(lambda: tf.batch_grad(x, lab), samples[f"torch_batch_grad@{threads}t"], None, threads)
+        ways[f"torch_loop@{threads}t"] = timed(
+            lambda: tf.loop_traces(x, lab), samples[f"torch_loop@{threads}t"], None, threads
+        )
+        ways[f"torch_vmap_k8@{threads}t"] = timed(
+            lambda: tf.vmap_traces(x, oh, 8), samples[f"torch_vmap_k8@{threads}t"], None, threads
+        )
+        ways[f"torch_batch_grad@{threads}t"] = timed(
+            lambda: tf.batch_grad(x, lab), samples[f"torch_batch_grad@{threads}t"], None, threads
+        )
     interleaved_medians(ways, 1)
     torch.set_num_threads(TORCH_THREADS)
     return {w: v[0] for w, v in samples.items()}
@@ -453,7 +502,10 @@ def child(name: str, way: str, calls: int) -> None:
 def measure_memory(name: str, way: str, calls: int) -> dict[str, float]:
     out = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), "--child", name, way, str(calls)],
-        cwd=HERE, capture_output=True, text=True, timeout=900,
+        cwd=HERE,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     for line in out.stdout.splitlines():
         if line.startswith("CHILD_RESULT "):
@@ -469,7 +521,9 @@ def fit_line(ns: list[int], ts: list[float]) -> dict[str, float]:
     slope, intercept = np.polyfit(x, y, 1)
     pred = slope * x + intercept
     ss_res, ss_tot = float(np.sum((y - pred) ** 2)), float(np.sum((y - y.mean()) ** 2))
-    return dict(slope_s_per_sample=float(slope), intercept_s=float(intercept), r2=1.0 - ss_res / ss_tot if ss_tot else 1.0)
+    return dict(
+        slope_s_per_sample=float(slope), intercept_s=float(intercept), r2=1.0 - ss_res / ss_tot if ss_tot else 1.0
+    )
 
 
 def med(v: list[float]) -> float:
@@ -502,9 +556,12 @@ def bench_model(name: str, rounds: int, memory: bool, scaling: bool) -> dict[str
         ways[w]()
         samples[w].pop()
         first[w] = splits[w].pop()
-        print(f"first call {w}: {first[w]['total']:.2f}s = compile {compile_s(first[w]):.2f}s "
-              f"(trace {first[w]['trace']:.2f}, lower {first[w]['lower']:.2f}, XLA {first[w]['compile']:.2f}) "
-              f"+ run {first[w]['run']:.2f}s", flush=True)
+        print(
+            f"first call {w}: {first[w]['total']:.2f}s = compile {compile_s(first[w]):.2f}s "
+            f"(trace {first[w]['trace']:.2f}, lower {first[w]['lower']:.2f}, XLA {first[w]['compile']:.2f}) "
+            f"+ run {first[w]['run']:.2f}s",
+            flush=True,
+        )
     tf.loop_traces(s["timages"][:2], s["tlabels"][:2])  # torch warm-up, cheap
     tf.vmap_traces(s["timages"][:2], s["tonehot"][:2], 2)
 
@@ -530,10 +587,18 @@ def bench_model(name: str, rounds: int, memory: bool, scaling: bool) -> dict[str
     for way in (f"torch_vmap_k{tk}", "torch_loop"):
         tw, ta = keeps[way]["traces"]
         (rw, pw), (ra, pa) = max_rel(tw, jw), max_rel(ta, ja)
-        check[way] = dict(weight_max_rel=rw, weight_worst=pw, activation_max_rel=ra, activation_worst=pa,
-                          ok=bool(rw <= TRACE_RTOL and ra <= TRACE_RTOL))
-        print(f"traces {way} vs lampq_jax k={jk}: weight max rel {rw:.1e} ({pw}), activation max rel {ra:.1e} ({pa}) -> "
-              f"{'OK' if check[way]['ok'] else 'MISMATCH'} (rtol {TRACE_RTOL})", flush=True)
+        check[way] = dict(
+            weight_max_rel=rw,
+            weight_worst=pw,
+            activation_max_rel=ra,
+            activation_worst=pa,
+            ok=bool(rw <= TRACE_RTOL and ra <= TRACE_RTOL),
+        )
+        print(
+            f"traces {way} vs lampq_jax k={jk}: weight max rel {rw:.1e} ({pw}), activation max rel {ra:.1e} ({pa}) -> "
+            f"{'OK' if check[way]['ok'] else 'MISMATCH'} (rtol {TRACE_RTOL})",
+            flush=True,
+        )
     for k in JAX_KS:
         if k != jk and keeps.get(f"jax_fisher_k{k}", {}).get("traces"):
             ow, oa = keeps[f"jax_fisher_k{k}"]["traces"]
@@ -568,8 +633,11 @@ def bench_model(name: str, rounds: int, memory: bool, scaling: bool) -> dict[str
         f"speedup_vs_torch_ge_{goal_speedup}": bool(result["speedup_vs_torch_best"] >= goal_speedup),
     }
     print("times (median): " + ", ".join(f"{w} {t:.2f}s" for w, t in times.items()), flush=True)
-    print(f"fisher/batch_grad {result['fisher_over_batch_grad']:.2f}; speedup vs {torch_best_way} "
-          f"{result['speedup_vs_torch_best']:.2f}; compile seconds in timed calls: {recompiles}", flush=True)
+    print(
+        f"fisher/batch_grad {result['fisher_over_batch_grad']:.2f}; speedup vs {torch_best_way} "
+        f"{result['speedup_vs_torch_best']:.2f}; compile seconds in timed calls: {recompiles}",
+        flush=True,
+    )
 
     if scaling:
         ns = SCALING_NS[name]
@@ -594,19 +662,35 @@ def bench_model(name: str, rounds: int, memory: bool, scaling: bool) -> dict[str
                 fc = s_splits[f"n{n}"][0]
                 steady = None if big else med(s_samples[f"n{n}"][1:])
             run = fc["run"] if big else steady
-            rows.append(dict(n=n, k=min(jk, n), first_call_s=fc["total"], first_call_compile_s=compile_s(fc),
-                             steady_s=steady, run_s=run, run_per_sample_s=run / n))
+            rows.append(
+                dict(
+                    n=n,
+                    k=min(jk, n),
+                    first_call_s=fc["total"],
+                    first_call_compile_s=compile_s(fc),
+                    steady_s=steady,
+                    run_s=run,
+                    run_per_sample_s=run / n,
+                )
+            )
         result["scaling"] = dict(
-            rows=rows, repeats=reps, run_source="run part of the first call" if big else "steady calls, median",
+            rows=rows,
+            repeats=reps,
+            run_source="run part of the first call" if big else "steady calls, median",
             fit_run=fit_line([r["n"] for r in rows], [r["run_s"] for r in rows]),
             fit_first_call=fit_line([r["n"] for r in rows], [r["first_call_s"] for r in rows]),
         )
-        print(f"scaling: R² run {result['scaling']['fit_run']['r2']:.4f}, first call {result['scaling']['fit_first_call']['r2']:.4f}",
-              flush=True)
+        print(
+            f"scaling: R² run {result['scaling']['fit_run']['r2']:.4f}, first call {result['scaling']['fit_first_call']['r2']:.4f}",
+            flush=True,
+        )
 
     result["torch_thread_check"] = dict(n=THREAD_CHECK_N[name], times_s=thread_check(s, tf, THREAD_CHECK_N[name]))
-    print("torch threads check: " + ", ".join(f"{w} {t:.2f}s" for w, t in result["torch_thread_check"]["times_s"].items()),
-          flush=True)
+    print(
+        "torch threads check: "
+        + ", ".join(f"{w} {t:.2f}s" for w, t in result["torch_thread_check"]["times_s"].items()),
+        flush=True,
+    )
 
     if memory:
         mem_ways = ["jax_batch_grad"] + ([f"jax_fisher_k{jk}"] if big else [f"jax_fisher_k{k}" for k in JAX_KS])
@@ -614,9 +698,15 @@ def bench_model(name: str, rounds: int, memory: bool, scaling: bool) -> dict[str
         result["memory"] = {}
         for way in mem_ways:
             m = result["memory"][way] = measure_memory(name, way, 1 if big else 2)
-            print(f"memory {way}: first call +{m['first_peak_mb']:.0f} MB ({m['first_call_s']:.2f}s)"
-                  + (f", second call +{m['second_peak_mb']:.0f} MB ({m['second_call_s']:.2f}s)" if "second_peak_mb" in m else ""),
-                  flush=True)
+            print(
+                f"memory {way}: first call +{m['first_peak_mb']:.0f} MB ({m['first_call_s']:.2f}s)"
+                + (
+                    f", second call +{m['second_peak_mb']:.0f} MB ({m['second_call_s']:.2f}s)"
+                    if "second_peak_mb" in m
+                    else ""
+                ),
+                flush=True,
+            )
     result["wall_s"] = time.perf_counter() - t0
     return result
 
@@ -636,12 +726,17 @@ def markdown(results: dict[str, Any]) -> str:
     )
     for name, r in results.items():
         out += ["", f"### {r['model']}", ""]
-        out.append(f"Logits JAX vs torch: max |Δ| = {r['logits_max_abs_diff']:.1e}; {r['num_layers']} layers; "
-                   f"compile seconds inside the timed (repeated) `fisher_traces` calls: at most "
-                   f"{max(r['max_compile_s_in_timed_calls'].values()):.2f} s → "
-                   f"{'RECOMPILES on every call' if r['recompiles_on_repeated_calls'] else 'no recompilation on repeated calls'}.")
-        out += ["", "| way | time (s) | × jax batch grad | first call (s) | compile (s) | run (s) | peak MB first / second call |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+        out.append(
+            f"Logits JAX vs torch: max |Δ| = {r['logits_max_abs_diff']:.1e}; {r['num_layers']} layers; "
+            f"compile seconds inside the timed (repeated) `fisher_traces` calls: at most "
+            f"{max(r['max_compile_s_in_timed_calls'].values()):.2f} s → "
+            f"{'RECOMPILES on every call' if r['recompiles_on_repeated_calls'] else 'no recompilation on repeated calls'}."
+        )
+        out += [
+            "",
+            "| way | time (s) | × jax batch grad | first call (s) | compile (s) | run (s) | peak MB first / second call |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
         floor = r["times_s"]["jax_batch_grad"]
         mem = r.get("memory", {})
         names = list(dict.fromkeys(list(r["jax_first_call_s"]) + list(r["times_s"])))
@@ -656,39 +751,60 @@ def markdown(results: dict[str, Any]) -> str:
                 "" if fc is None else f"{fc['total']:.2f}",
                 "" if fc is None or "trace" not in fc else f"{compile_s(fc):.2f}",
                 "" if fc is None or "run" not in fc else f"{fc['run']:.2f}",
-                "" if m is None else f"{m['first_peak_mb']:.0f} / " + (f"{m['second_peak_mb']:.0f}" if "second_peak_mb" in m else "–"),
+                ""
+                if m is None
+                else f"{m['first_peak_mb']:.0f} / " + (f"{m['second_peak_mb']:.0f}" if "second_peak_mb" in m else "–"),
             ]
             out.append(f"| `{way}`{mark} | " + " | ".join(cells) + " |")
         g = list(r["goals"].values())
-        out += ["",
-                f"- fisher / batch grad = **{r['fisher_over_batch_grad']:.2f}** (goal ≤ {GOAL_RATIO}: "
-                f"{'met' if g[0] else 'NOT met'}); first call (compile included) / batch grad = {r['first_call_over_batch_grad']:.2f}.",
-                f"- speedup vs PyTorch's best (`{r['torch_best_way']}`) = **{r['speedup_vs_torch_best']:.2f}×** (goal ≥ "
-                f"{GOAL_SPEEDUP[name]}: {'met' if g[1] else 'NOT met'}); first call (compile included): "
-                f"{r['first_call_speedup_vs_torch_best']:.2f}×."]
+        out += [
+            "",
+            f"- fisher / batch grad = **{r['fisher_over_batch_grad']:.2f}** (goal ≤ {GOAL_RATIO}: "
+            f"{'met' if g[0] else 'NOT met'}); first call (compile included) / batch grad = {r['first_call_over_batch_grad']:.2f}.",
+            f"- speedup vs PyTorch's best (`{r['torch_best_way']}`) = **{r['speedup_vs_torch_best']:.2f}×** (goal ≥ "
+            f"{GOAL_SPEEDUP[name]}: {'met' if g[1] else 'NOT met'}); first call (compile included): "
+            f"{r['first_call_speedup_vs_torch_best']:.2f}×.",
+        ]
         for way, c in r["trace_check"].items():
             if isinstance(c, dict):
-                out.append(f"- traces `{way}` vs lampq_jax: weight max rel {c['weight_max_rel']:.1e}, activation max rel "
-                           f"{c['activation_max_rel']:.1e} → {'agree' if c['ok'] else 'DISAGREE'} (rtol {TRACE_RTOL}).")
+                out.append(
+                    f"- traces `{way}` vs lampq_jax: weight max rel {c['weight_max_rel']:.1e}, activation max rel "
+                    f"{c['activation_max_rel']:.1e} → {'agree' if c['ok'] else 'DISAGREE'} (rtol {TRACE_RTOL})."
+                )
         others = {w: c for w, c in r["trace_check"].items() if not isinstance(c, dict)}
         if others:
-            out.append("- other k vs best k (max rel): " + ", ".join(f"{w.split('_vs')[0]} {c:.1e}" for w, c in others.items()) + ".")
+            out.append(
+                "- other k vs best k (max rel): "
+                + ", ".join(f"{w.split('_vs')[0]} {c:.1e}" for w, c in others.items())
+                + "."
+            )
         tc = r.get("torch_thread_check")
         if tc:
-            out.append(f"- torch threads check (N = {tc['n']}, one round): " + ", ".join(
-                f"`{w}` {t:.2f} s" for w, t in tc["times_s"].items()) + ".")
+            out.append(
+                f"- torch threads check (N = {tc['n']}, one round): "
+                + ", ".join(f"`{w}` {t:.2f} s" for w, t in tc["times_s"].items())
+                + "."
+            )
         if "scaling" in r:
             sc = r["scaling"]
-            out += ["", f"Time against N (k = min(best k, N); run = {sc['run_source']}):", "",
-                    "| N | k | first call (s) | its compile (s) | steady (s) | run (s) | run / N (s) |",
-                    "|---:|---:|---:|---:|---:|---:|---:|"]
+            out += [
+                "",
+                f"Time against N (k = min(best k, N); run = {sc['run_source']}):",
+                "",
+                "| N | k | first call (s) | its compile (s) | steady (s) | run (s) | run / N (s) |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+            ]
             for row in sc["rows"]:
                 steady = "" if row["steady_s"] is None else f"{row['steady_s']:.2f}"
-                out.append(f"| {row['n']} | {row['k']} | {row['first_call_s']:.2f} | {row['first_call_compile_s']:.2f} | "
-                           f"{steady} | {row['run_s']:.2f} | {row['run_per_sample_s']:.4f} |")
+                out.append(
+                    f"| {row['n']} | {row['k']} | {row['first_call_s']:.2f} | {row['first_call_compile_s']:.2f} | "
+                    f"{steady} | {row['run_s']:.2f} | {row['run_per_sample_s']:.4f} |"
+                )
             fr, ff = sc["fit_run"], sc["fit_first_call"]
-            out.append(f"\nLine fit of run: {fr['intercept_s']:.2f} s + {fr['slope_s_per_sample']:.4f} s·N, R² = {fr['r2']:.4f}; "
-                       f"of the first call: {ff['intercept_s']:.2f} s + {ff['slope_s_per_sample']:.4f} s·N, R² = {ff['r2']:.4f}.")
+            out.append(
+                f"\nLine fit of run: {fr['intercept_s']:.2f} s + {fr['slope_s_per_sample']:.4f} s·N, R² = {fr['r2']:.4f}; "
+                f"of the first call: {ff['intercept_s']:.2f} s + {ff['slope_s_per_sample']:.4f} s·N, R² = {ff['r2']:.4f}."
+            )
     return "\n".join(out)
 
 
@@ -714,8 +830,17 @@ def main() -> None:
     command = COMMAND + ("" if not sys.argv[1:] else " " + " ".join(sys.argv[1:]))
     body = markdown(results) + f"\n\nWhole benchmark: {wall / 60:.1f} min."
     write_section("bench_fisher", body, command)
-    write_json("fisher_speed.json", dict(machine=machine(), command=command, wall_s=wall, torch=torch.__version__,
-                                         torch_threads=TORCH_THREADS, **results))
+    write_json(
+        "fisher_speed.json",
+        dict(
+            machine=machine(),
+            command=command,
+            wall_s=wall,
+            torch=torch.__version__,
+            torch_threads=TORCH_THREADS,
+            **results,
+        ),
+    )
     print(body)
 
 

@@ -86,8 +86,14 @@ def many_layers_problem(n: int = 5000, seed: int = 0) -> dict:
 def solve_lampq(problem: dict, solver: str) -> tuple[float, np.ndarray]:
     """(objective, chosen bits [n]) with lampq_jax's allocate_bits."""
     result = allocate_bits(
-        problem["cost"], BITS, num_weights=problem["num_weights"], macs=problem["macs"],
-        budget=problem["budget"], mip_gap=MIP_GAP, time_limit=TIME_LIMIT, solver=solver,
+        problem["cost"],
+        BITS,
+        num_weights=problem["num_weights"],
+        macs=problem["macs"],
+        budget=problem["budget"],
+        mip_gap=MIP_GAP,
+        time_limit=TIME_LIMIT,
+        solver=solver,
     )
     if result.status != "optimal":
         raise RuntimeError(f"{solver}: status {result.status}")
@@ -97,9 +103,7 @@ def solve_lampq(problem: dict, solver: str) -> tuple[float, np.ndarray]:
 def solve_highs_bnb(problem: dict) -> tuple[float, np.ndarray]:
     """(objective, chosen bits [n]) from highspy's branch and bound on lampq_jax's sparse model."""
     n, m = problem["cost"].shape
-    options = ilp._validate_options(
-        n, m, BITS, None, problem["num_weights"], None, problem["macs"], None, None
-    )
+    options = ilp._validate_options(n, m, BITS, None, problem["num_weights"], None, problem["macs"], None, None)
     rows = ilp._budget_rows(options, problem["budget"])
     model = ilp._sparse_model(problem["cost"], options.allowed, rows)
     h = ilp._highs_with_model(model, integer=True, time_limit=TIME_LIMIT, mip_gap=MIP_GAP)
@@ -128,9 +132,7 @@ def solve_pulp_cbc(problem: dict) -> tuple[float, np.ndarray]:
             num_weights[i] * bits[j] * x[i][j] for i in range(n) for j in range(m)
         ) <= budget.avg_bits * sum(num_weights)
     if budget.bops is not None:
-        prob += pulp.lpSum(
-            macs[i] * bits[j] * bits[j] * x[i][j] for i in range(n) for j in range(m)
-        ) <= budget.bops
+        prob += pulp.lpSum(macs[i] * bits[j] * bits[j] * x[i][j] for i in range(n) for j in range(m)) <= budget.bops
     status = prob.solve(pulp.PULP_CBC_CMD(msg=False, gapRel=MIP_GAP, timeLimit=TIME_LIMIT))
     if pulp.LpStatus[status] != "Optimal":
         raise RuntimeError(f"CBC: status {pulp.LpStatus[status]}")
@@ -175,17 +177,14 @@ def run_problem(name: str, problem: dict, repeats: int, with_scipy: bool, with_b
         out[f"{key}_s"] = seconds
         out[f"{key}_objective"] = objective
         out[f"{key}_budget_spent"] = spent
-        print(f"{name:12s} {key:9s} {seconds:8.3f} s  objective {objective:.10g}  spent {spent}",
-              flush=True)
+        print(f"{name:12s} {key:9s} {seconds:8.3f} s  objective {objective:.10g}  spent {spent}", flush=True)
     out["speedup_vs_pulp_cbc"] = out["pulp_cbc_s"] / out["highs_s"]
     ref = out["highs_objective"]
     for key in solvers:
         rel = abs(out[f"{key}_objective"] - ref) / abs(ref)
         if rel > MIP_GAP + 1e-9:
             raise RuntimeError(f"{name}: {key} objective differs from highs by {rel:.2e}")
-    out["max_relative_objective_difference"] = max(
-        abs(out[f"{key}_objective"] - ref) / abs(ref) for key in solvers
-    )
+    out["max_relative_objective_difference"] = max(abs(out[f"{key}_objective"] - ref) / abs(ref) for key in solvers)
     out["items"] = int(problem["cost"].shape[0])
     out["options"] = int(problem["cost"].shape[1])
     out["budget"] = problem["budget"].limits()

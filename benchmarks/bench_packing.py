@@ -64,9 +64,11 @@ def main() -> None:
     codes = sum(int(t.packed.size) for t in tensors.values())
     scales = sum(4 * int(t.scale.size) + 4 * int(t.zero_point.size) for t in tensors.values())
     other = nbytes - codes - scales
-    print(f"ViT-B/16: {num_params:,} params, {len(tensors)} exported layers, avg {avg_bits:.3f} weight bits; "
-          f"{nbytes:,} bytes = codes {codes:,} + scales/zeros {scales:,} + float params {other:,}; "
-          f"ratio {ratio:.4f}; quantize {quantize_s:.0f} s, export {export_s:.0f} s")
+    print(
+        f"ViT-B/16: {num_params:,} params, {len(tensors)} exported layers, avg {avg_bits:.3f} weight bits; "
+        f"{nbytes:,} bytes = codes {codes:,} + scales/zeros {scales:,} + float params {other:,}; "
+        f"ratio {ratio:.4f}; quantize {quantize_s:.0f} s, export {export_s:.0f} s"
+    )
     table = per_bit_table()
     for bits, container, per_weight in table:
         print(f"{bits} bits (container {container}): {per_weight:.4f} bytes/weight")
@@ -90,13 +92,16 @@ def main() -> None:
         "| bits | container | bytes / weight | vs float32 |\n|---:|---:|---:|---:|\n" + rows
     )
     write_section("bench_packing", body, "cd benchmarks && ../.venv/bin/python bench_packing.py")
-    write_json("packing.json", {
-        "vit_b16_avg4_bytes_ratio": round(ratio, 5),
-        "vit_b16_avg_weight_bits": round(avg_bits, 4),
-        "vit_b16_export_bytes": nbytes,
-        "vit_b16_params": num_params,
-        "bytes_per_weight_768x3072": {str(b): round(p, 5) for b, _, p in table},
-    })
+    write_json(
+        "packing.json",
+        {
+            "vit_b16_avg4_bytes_ratio": round(ratio, 5),
+            "vit_b16_avg_weight_bits": round(avg_bits, 4),
+            "vit_b16_export_bytes": nbytes,
+            "vit_b16_params": num_params,
+            "bytes_per_weight_768x3072": {str(b): round(p, 5) for b, _, p in table},
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def rows_for(args) -> tuple[list[dict], float]:
     data = load_embedded_subset()
     pool, test_x, test_y = data["calib_images"], data["test_images"], data["test_labels"]
     validation = data["val_images"][:500]
-    train = normalize_embedded(load_fashion_mnist("train")[0][:args.train])
+    train = normalize_embedded(load_fashion_mnist("train")[0][: args.train])
     fp = float(np.mean(np.asarray(model.apply(variables, test_x, train=False)).argmax(-1) == test_y) * 100)
     config = lampq_jax.LampQConfig(metric_check=False, progress=False)
     teacher = np.asarray(model.apply(variables, train[:1024], train=False))
@@ -54,14 +54,31 @@ def rows_for(args) -> tuple[list[dict], float]:
             start = time.perf_counter()
             ptq = lampq_jax.quantize(model, variables, calib, budget=budget, config=config, train=False)
             ptq_seconds = time.perf_counter() - start
-            tuned = finetune(ptq, variables, train, steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
-                             validation=validation, seed=seed, progress=False, train=False)
-            rows.append({"budget": budget, "seed": seed, "ptq": accuracy(ptq, test_x, test_y),
-                         "qat": accuracy(tuned, test_x, test_y), "ptq_seconds": ptq_seconds,
-                         "qat_seconds": tuned.report["qat"]["seconds"],
-                         "best_step": tuned.report["qat"]["best_step"],
-                         "kl_ptq": float(kl_objective(logits_of(ptq, train[:1024]), teacher)),
-                         "kl_qat": float(kl_objective(logits_of(tuned, train[:1024]), teacher))})
+            tuned = finetune(
+                ptq,
+                variables,
+                train,
+                steps=args.steps,
+                batch_size=args.batch,
+                learning_rate=args.lr,
+                validation=validation,
+                seed=seed,
+                progress=False,
+                train=False,
+            )
+            rows.append(
+                {
+                    "budget": budget,
+                    "seed": seed,
+                    "ptq": accuracy(ptq, test_x, test_y),
+                    "qat": accuracy(tuned, test_x, test_y),
+                    "ptq_seconds": ptq_seconds,
+                    "qat_seconds": tuned.report["qat"]["seconds"],
+                    "best_step": tuned.report["qat"]["best_step"],
+                    "kl_ptq": float(kl_objective(logits_of(ptq, train[:1024]), teacher)),
+                    "kl_qat": float(kl_objective(logits_of(tuned, train[:1024]), teacher)),
+                }
+            )
             print(rows[-1], flush=True)
     return rows, fp
 
@@ -84,48 +101,70 @@ def real_vit_part(args) -> dict:
     calib = normalize_imagenet(photo_crops("calibration", 16, 224))
     with np.load(PROBE_FILE) as f:
         probe = {k: f[k] for k in f.files}
-    train = fmnist_224(load_fashion_mnist("train")[0][-args.vit_train:])
+    train = fmnist_224(load_fashion_mnist("train")[0][-args.vit_train :])
     test_x, test_y = load_fashion_mnist("test")
-    test_x, test_y = fmnist_224(test_x[:args.probe_test]), test_y[:args.probe_test]
+    test_x, test_y = fmnist_224(test_x[: args.probe_test]), test_y[: args.probe_test]
 
     def figures(fn):
-        return {"cosine": 1 - float(cosine_objective(batched(fn, evaluation, 16), batched(fp_fn, evaluation, 16))),
-                "probe": probe_accuracy(probe, batched(fn, test_x, 16), test_y)}
+        return {
+            "cosine": 1 - float(cosine_objective(batched(fn, evaluation, 16), batched(fp_fn, evaluation, 16))),
+            "probe": probe_accuracy(probe, batched(fn, test_x, 16), test_y),
+        }
 
     config = lampq_jax.LampQConfig(output="features", metric_check=False, progress=False)
     start = time.perf_counter()
-    ptq = lampq_jax.quantize(model, variables, calib, budget=args.vit_budget, config=config, objective="cosine",
-                             train=False)
+    ptq = lampq_jax.quantize(
+        model, variables, calib, budget=args.vit_budget, config=config, objective="cosine", train=False
+    )
     ptq_seconds = time.perf_counter() - start
-    tuned = finetune(ptq, variables, train, steps=args.vit_steps, batch_size=args.vit_batch, learning_rate=args.lr,
-                     validation=calib, eval_every=10, progress=True, train=False)
-    record = {"budget": args.vit_budget, "fp_probe": probe_accuracy(probe, batched(fp_fn, test_x), test_y),
-              "ptq": figures(jax.jit(lambda x: ptq.apply(x, train=False))),
-              "qat": figures(jax.jit(lambda x: tuned.apply(x, train=False))), "ptq_seconds": ptq_seconds,
-              "qat_seconds": tuned.report["qat"]["seconds"], "best_step": tuned.report["qat"]["best_step"],
-              "validation_loss": tuned.report["qat"]["validation_loss"]}
+    tuned = finetune(
+        ptq,
+        variables,
+        train,
+        steps=args.vit_steps,
+        batch_size=args.vit_batch,
+        learning_rate=args.lr,
+        validation=calib,
+        eval_every=10,
+        progress=True,
+        train=False,
+    )
+    record = {
+        "budget": args.vit_budget,
+        "fp_probe": probe_accuracy(probe, batched(fp_fn, test_x), test_y),
+        "ptq": figures(jax.jit(lambda x: ptq.apply(x, train=False))),
+        "qat": figures(jax.jit(lambda x: tuned.apply(x, train=False))),
+        "ptq_seconds": ptq_seconds,
+        "qat_seconds": tuned.report["qat"]["seconds"],
+        "best_step": tuned.report["qat"]["best_step"],
+        "validation_loss": tuned.report["qat"]["validation_loss"],
+    }
     print(record, flush=True)
     return record
 
 
 def real_vit_section(r: dict, args) -> str:
-    return (f"## Quantization-aware fine-tuning after LampQ, real ViT DINOv2-S/14 at {r['budget']:g}MP\n\n"
-            "PTQ: LampQ (features, cosine objective, metric check off) on 16 photo crops. QAT: "
-            f"`lampq_jax.qat.finetune`, {args.vit_steps} steps of optax.adam({args.lr:g}), batch {args.vit_batch}, "
-            f"1 − cos distillation to the FP tokens on {args.vit_train} Fashion-MNIST training images at 224² "
-            f"(no labels), keeping the step (0 = PTQ, then every 10) with the lowest loss on the 16 calibration "
-            f"crops (kept: step {r['best_step']}). One seed: a CPU allows no more.\n\n"
-            "| model | class-token cosine to FP (32 held-out crops) | linear-probe accuracy % "
-            f"({args.probe_test} test images; FP {r['fp_probe']:.2f}) | seconds |\n|---|---:|---:|---:|\n"
-            f"| PTQ LampQ | {r['ptq']['cosine']:.4f} | {r['ptq']['probe']:.2f} | {r['ptq_seconds']:.0f} |\n"
-            f"| LampQ + QAT | {r['qat']['cosine']:.4f} | {r['qat']['probe']:.2f} | {r['qat_seconds']:.0f} (QAT) |")
+    return (
+        f"## Quantization-aware fine-tuning after LampQ, real ViT DINOv2-S/14 at {r['budget']:g}MP\n\n"
+        "PTQ: LampQ (features, cosine objective, metric check off) on 16 photo crops. QAT: "
+        f"`lampq_jax.qat.finetune`, {args.vit_steps} steps of optax.adam({args.lr:g}), batch {args.vit_batch}, "
+        f"1 − cos distillation to the FP tokens on {args.vit_train} Fashion-MNIST training images at 224² "
+        f"(no labels), keeping the step (0 = PTQ, then every 10) with the lowest loss on the 16 calibration "
+        f"crops (kept: step {r['best_step']}). One seed: a CPU allows no more.\n\n"
+        "| model | class-token cosine to FP (32 held-out crops) | linear-probe accuracy % "
+        f"({args.probe_test} test images; FP {r['fp_probe']:.2f}) | seconds |\n|---|---:|---:|---:|\n"
+        f"| PTQ LampQ | {r['ptq']['cosine']:.4f} | {r['ptq']['probe']:.2f} | {r['ptq_seconds']:.0f} |\n"
+        f"| LampQ + QAT | {r['qat']['cosine']:.4f} | {r['qat']['probe']:.2f} | {r['qat_seconds']:.0f} (QAT) |"
+    )
 
 
 def table(rows: list[dict], budgets: list[float]) -> list[str]:
     """Per budget: PTQ and QAT accuracy (mean ± std over seeds), their difference, and the goal."""
-    lines = ["| budget | PTQ LampQ | LampQ + QAT | QAT − PTQ (per seed) | goal | kept step (per seed) "
-             "| KL to FP, 1,024 training images, PTQ → QAT | QAT s |",
-             "|---|---:|---:|---:|---|---:|---:|---:|"]
+    lines = [
+        "| budget | PTQ LampQ | LampQ + QAT | QAT − PTQ (per seed) | goal | kept step (per seed) "
+        "| KL to FP, 1,024 training images, PTQ → QAT | QAT s |",
+        "|---|---:|---:|---:|---|---:|---:|---:|",
+    ]
     for budget in budgets:
         sel = [r for r in rows if r["budget"] == budget]
         ptq, qat = np.array([r["ptq"] for r in sel]), np.array([r["qat"] for r in sel])
@@ -134,10 +173,12 @@ def table(rows: list[dict], budgets: list[float]) -> list[str]:
         verdict = "met" if diff.mean() >= goal_min else "not met"
         goal = f"≥ +{goal_min:g} ({verdict})" if budget < 4 else f"≥ 0 ({verdict})"
         kl = f"{np.mean([r['kl_ptq'] for r in sel]):.4f} → {np.mean([r['kl_qat'] for r in sel]):.4f}"
-        lines.append(f"| {budget:g} | {ptq.mean():.2f} ± {ptq.std():.2f} | {qat.mean():.2f} ± {qat.std():.2f} | "
-                     f"{diff.mean():+.2f} ({', '.join(f'{d:+.2f}' for d in diff)}) | {goal} | "
-                     f"{', '.join(str(r['best_step']) for r in sel)} | {kl} | "
-                     f"{np.mean([r['qat_seconds'] for r in sel]):.1f} |")
+        lines.append(
+            f"| {budget:g} | {ptq.mean():.2f} ± {ptq.std():.2f} | {qat.mean():.2f} ± {qat.std():.2f} | "
+            f"{diff.mean():+.2f} ({', '.join(f'{d:+.2f}' for d in diff)}) | {goal} | "
+            f"{', '.join(str(r['best_step']) for r in sel)} | {kl} | "
+            f"{np.mean([r['qat_seconds'] for r in sel]):.1f} |"
+        )
     return lines
 
 
@@ -161,22 +202,24 @@ def main() -> None:
         start = time.perf_counter()
         record = real_vit_part(args)
         total = time.perf_counter() - start
-        write_section("bench_qat_real_vit", real_vit_section(record, args) + f"\n\nWhole part: {total:.0f} s.",
-                      command)
+        write_section("bench_qat_real_vit", real_vit_section(record, args) + f"\n\nWhole part: {total:.0f} s.", command)
         write_json("qat_real_vit.json", {**record, "seconds": total, "args": vars(args)})
     if "embedded" not in args.parts:
         return
     start = time.perf_counter()
     rows, fp = rows_for(args)
     total = time.perf_counter() - start
-    body = (f"## Quantization-aware fine-tuning after LampQ, embedded Fashion-MNIST ViT: test accuracy (%), "
-            f"2,000 images; FP {fp:.2f} %\n\n"
-            f"PTQ: LampQ (metric check off) on 32 calibration images drawn per seed. QAT: `lampq_jax.qat.finetune`, "
-            f"{args.steps} steps of optax.adam({args.lr:g}), batch {args.batch}, distillation (KL to the FP logits) "
-            f"on {args.train} Fashion-MNIST training images, no labels; weights on their fixed PTQ grids, "
-            f"activation ranges unchanged; the weights kept are those of the step (0 = PTQ, then every 50) with "
-            f"the lowest KL on 500 embedded validation images. {len(args.seeds)} seeds (mean ± std).\n\n" + "\n".join(table(rows, args.budgets))
-            + f"\n\nWhole run: {total:.0f} s.")
+    body = (
+        f"## Quantization-aware fine-tuning after LampQ, embedded Fashion-MNIST ViT: test accuracy (%), "
+        f"2,000 images; FP {fp:.2f} %\n\n"
+        f"PTQ: LampQ (metric check off) on 32 calibration images drawn per seed. QAT: `lampq_jax.qat.finetune`, "
+        f"{args.steps} steps of optax.adam({args.lr:g}), batch {args.batch}, distillation (KL to the FP logits) "
+        f"on {args.train} Fashion-MNIST training images, no labels; weights on their fixed PTQ grids, "
+        f"activation ranges unchanged; the weights kept are those of the step (0 = PTQ, then every 50) with "
+        f"the lowest KL on 500 embedded validation images. {len(args.seeds)} seeds (mean ± std).\n\n"
+        + "\n".join(table(rows, args.budgets))
+        + f"\n\nWhole run: {total:.0f} s."
+    )
     write_section("bench_qat", body, command)
     write_json("qat.json", {"rows": rows, "fp_accuracy": fp, "seconds": total, "args": vars(args)})
 

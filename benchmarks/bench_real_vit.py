@@ -50,7 +50,9 @@ def fmnist_224(images: np.ndarray) -> np.ndarray:
 
 
 def class_tokens(fn, images: np.ndarray, batch: int = 50) -> np.ndarray:
-    return np.concatenate([np.asarray(fn(fmnist_224(images[i:i + batch]))[:, 0]) for i in range(0, len(images), batch)])
+    return np.concatenate(
+        [np.asarray(fn(fmnist_224(images[i : i + batch]))[:, 0]) for i in range(0, len(images), batch)]
+    )
 
 
 def train_probe(features: np.ndarray, labels: np.ndarray, steps: int = 500) -> dict[str, np.ndarray]:
@@ -66,6 +68,7 @@ def train_probe(features: np.ndarray, labels: np.ndarray, steps: int = 500) -> d
         def loss(p):
             logits = x @ p["w"] + p["b"]
             return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
         grads = jax.grad(loss)(params)
         updates, state = opt.update(grads, state, params)
         return optax.apply_updates(params, updates), state
@@ -82,6 +85,7 @@ def probe_accuracy(probe, features: np.ndarray, labels: np.ndarray) -> float:
 
 def qwix_apply(model, variables, calib, bits: int):
     import qwix
+
     qtype = {4: "int4", 8: "int8"}.get(bits, f"int{bits}")
     rule = qwix.QuantizationRule(module_path=LINEAR, weight_qtype=qtype, act_qtype=qtype)
     qmodel = qwix.quantize_model(model, qwix.PtqProvider([rule]))
@@ -106,7 +110,7 @@ def main() -> None:
     calib = normalize_imagenet(photo_crops("calibration", args.calib, 224))
     evaluation = normalize_imagenet(photo_crops("evaluation", args.eval, 224))
     fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
-    ref = np.concatenate([np.asarray(fp_fn(evaluation[i:i + 16])) for i in range(0, len(evaluation), 16)])
+    ref = np.concatenate([np.asarray(fp_fn(evaluation[i : i + 16])) for i in range(0, len(evaluation), 16)])
 
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")
@@ -119,7 +123,7 @@ def main() -> None:
         probe = train_probe(class_tokens(fp_fn, train_x), train_y)
         RESULTS_DIR.mkdir(exist_ok=True)
         np.savez(PROBE_FILE, **probe)
-    task_calib = fmnist_224(load_fashion_mnist("train")[0][args.probe_train: args.probe_train + args.calib])
+    task_calib = fmnist_224(load_fashion_mnist("train")[0][args.probe_train : args.probe_train + args.calib])
     fp_acc = probe_accuracy(probe, class_tokens(fp_fn, test_x), test_y)
     print(f"FP probe accuracy {fp_acc:.2f} %", flush=True)
 
@@ -136,24 +140,36 @@ def main() -> None:
             options = {"ours": {}, "per_tensor": {"channel_types": ()}, "equalize_qk": {"equalize_qk": True}}[kind]
             result = lampq_jax.quantize_uniform(model, variables, calib, bits, train=False, **options)
             fn = lambda x, r=result: r.apply(x, train=False)  # noqa: E731
-        out = np.concatenate([np.asarray(fn(evaluation[i:i + 16])) for i in range(0, len(evaluation), 16)])
+        out = np.concatenate([np.asarray(fn(evaluation[i : i + 16])) for i in range(0, len(evaluation), 16)])
         cls_cos, tok_cos = cosines(out, ref)
         acc = None
         if kind == "ours" and bits in args.probe_bits:  # calibrated on the task's own images, as a user would
             task = lampq_jax.quantize_uniform(model, variables, task_calib, bits, train=False)
             acc = probe_accuracy(probe, class_tokens(lambda x, r=task: r.apply(x, train=False), test_x), test_y)
         seconds = time.perf_counter() - start
-        rows.append({"setting": label, "bits": bits, "cls_cosine": cls_cos, "token_cosine": tok_cos,
-                     "probe_accuracy": acc, "seconds": seconds})
+        rows.append(
+            {
+                "setting": label,
+                "bits": bits,
+                "cls_cosine": cls_cos,
+                "token_cosine": tok_cos,
+                "probe_accuracy": acc,
+                "seconds": seconds,
+            }
+        )
         print(rows[-1], flush=True)
 
-    table = ["| setting | WbAb | class-token cosine | all-token cosine | probe accuracy (%) | seconds |",
-             "|---|---|---:|---:|---:|---:|",
-             f"| full precision | FP32 | 1.0000 | 1.0000 | {fp_acc:.2f} | |"]
+    table = [
+        "| setting | WbAb | class-token cosine | all-token cosine | probe accuracy (%) | seconds |",
+        "|---|---|---:|---:|---:|---:|",
+        f"| full precision | FP32 | 1.0000 | 1.0000 | {fp_acc:.2f} | |",
+    ]
     for r in rows:
         acc = f"{r['probe_accuracy']:.2f}" if r["probe_accuracy"] is not None else "—"
-        table.append(f"| {r['setting']} | W{r['bits']}A{r['bits']} | {r['cls_cosine']:.4f} | {r['token_cosine']:.4f} "
-                     f"| {acc} | {r['seconds']:.0f} |")
+        table.append(
+            f"| {r['setting']} | W{r['bits']}A{r['bits']} | {r['cls_cosine']:.4f} | {r['token_cosine']:.4f} "
+            f"| {acc} | {r['seconds']:.0f} |"
+        )
     ours = {r["bits"]: r["cls_cosine"] for r in rows if r["setting"].endswith("(default quantizers)")}
     ordered = [ours[b] for b in sorted(ours)]
     monotone = all(a <= b for a, b in zip(ordered, ordered[1:]))

@@ -85,8 +85,9 @@ def attention_curves(score, attention: list[str]) -> np.ndarray:
     return np.array([[score({}, {p: pair[m](b)}) for b in PROBE_BITS] for p in attention for m in MATMULS])
 
 
-def allocations_with_attention(curves: dict[str, np.ndarray], num_weights, num_acts, matmul_acts,
-                               budget: float) -> tuple[list[tuple[int, int]], list[int]]:
+def allocations_with_attention(
+    curves: dict[str, np.ndarray], num_weights, num_acts, matmul_acts, budget: float
+) -> tuple[list[tuple[int, int]], list[int]]:
     """(units' (b_w, b_a), attention matmuls' bits) from one ILP on measured curves, W and A separate, where
     the inputs of each attention matmul are an activation item too: the activation budget is the
     element-weighted mean over the linear layers' inputs and q, k, v and the softmax output.
@@ -102,27 +103,43 @@ def allocations_with_attention(curves: dict[str, np.ndarray], num_weights, num_a
     allowed = np.ones(cost.shape, bool)
     allowed[units:] = w_index == a_index  # an attention item has no weights: one option per bit-width
     attention_acts = np.tile(np.asarray(matmul_acts), len(attention) // 2)
-    choice = allocate_bits(cost, bits[w_index], bits[a_index],
-                           num_weights=np.concatenate([num_weights, np.zeros(len(attention), int)]),
-                           num_activations=np.concatenate([num_acts, attention_acts]),
-                           budget=Budget(avg_bits=budget, avg_act_bits=budget), allowed=allowed).choice
-    return ([(int(bits[w_index[j]]), int(bits[a_index[j]])) for j in choice[:units]],
-            [int(bits[a_index[j]]) for j in choice[units:]])
+    choice = allocate_bits(
+        cost,
+        bits[w_index],
+        bits[a_index],
+        num_weights=np.concatenate([num_weights, np.zeros(len(attention), int)]),
+        num_activations=np.concatenate([num_acts, attention_acts]),
+        budget=Budget(avg_bits=budget, avg_act_bits=budget),
+        allowed=allowed,
+    ).choice
+    return (
+        [(int(bits[w_index[j]]), int(bits[a_index[j]])) for j in choice[:units]],
+        [int(bits[a_index[j]]) for j in choice[units:]],
+    )
 
 
-def allocations(curves: dict[str, np.ndarray], num_weights, num_acts, budget: float) -> dict[str, list[tuple[int, int]]]:
+def allocations(
+    curves: dict[str, np.ndarray], num_weights, num_acts, budget: float
+) -> dict[str, list[tuple[int, int]]]:
     """{name: [(b_w, b_a) per unit]} from the ILP on measured curves: tied, separate W/A, weights only."""
     bits = np.array(PROBE_BITS)
     m = len(bits)
     tied = allocate_bits(curves["tied"], bits, num_weights=num_weights, budget=Budget(avg_bits=budget)).choice
     w_index, a_index = (g.ravel() for g in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
-    separate = allocate_bits(curves["weights"][:, w_index] + curves["activations"][:, a_index], bits[w_index],
-                             bits[a_index], num_weights=num_weights, num_activations=num_acts,
-                             budget=Budget(avg_bits=budget, avg_act_bits=budget)).choice
+    separate = allocate_bits(
+        curves["weights"][:, w_index] + curves["activations"][:, a_index],
+        bits[w_index],
+        bits[a_index],
+        num_weights=num_weights,
+        num_activations=num_acts,
+        budget=Budget(avg_bits=budget, avg_act_bits=budget),
+    ).choice
     weights = allocate_bits(curves["weights"], bits, num_weights=num_weights, budget=Budget(avg_bits=budget)).choice
     return {
         "W/A tied": [(int(bits[j]), int(bits[j])) for j in tied],
-        "W and A separate (two average-bit budgets)": [(int(bits[w_index[j]]), int(bits[a_index[j]])) for j in separate],
+        "W and A separate (two average-bit budgets)": [
+            (int(bits[w_index[j]]), int(bits[a_index[j]])) for j in separate
+        ],
         "weights only (activations at the budget)": [(int(bits[j]), int(budget)) for j in weights],
     }
 
@@ -136,13 +153,26 @@ def main() -> None:
     calibration = normalize_imagenet(photo_crops("calibration", 32, 224, seed=0))
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
     config = LampQConfig()
-    prep = _prepare(model, variables, calibration, rules=(), calibration=config.calibration,
-                    channel_types=config.channel_types, minmax_types=config.minmax_types, center_keys=config.center_keys,
-                    qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
-                    weight_method=config.weight_method, batch_size=32, timer=_Timer(), mesh=None,
-                    apply_kwargs={"train": False})
-    dq = DynamicQuantizer(model, prep.variables, prep.layers, prep.attention, prep.act_params, {"train": False},
-                          hessians=prep.hessians)
+    prep = _prepare(
+        model,
+        variables,
+        calibration,
+        rules=(),
+        calibration=config.calibration,
+        channel_types=config.channel_types,
+        minmax_types=config.minmax_types,
+        center_keys=config.center_keys,
+        qk_calibration=config.qk_calibration,
+        equalize_qk=config.equalize_qk,
+        weight_method=config.weight_method,
+        batch_size=32,
+        timer=_Timer(),
+        mesh=None,
+        apply_kwargs={"train": False},
+    )
+    dq = DynamicQuantizer(
+        model, prep.variables, prep.layers, prep.attention, prep.act_params, {"train": False}, hessians=prep.hessians
+    )
     fp_apply = jax.jit(lambda x: model.apply(prep.variables, x, train=False))
 
     def image_set(images):
@@ -175,7 +205,7 @@ def main() -> None:
 
     query = next(l for l in allocated if l.type == "qkv")
     tokens = query.num_activations // query.weight_shape[0]
-    matmul_acts = (2 * query.num_activations, query.num_activations + model.num_heads * tokens ** 2)
+    matmul_acts = (2 * query.num_activations, query.num_activations + model.num_heads * tokens**2)
 
     def evaluate(unit_bits, attention_bits=None):
         attention_bits = attention if attention_bits is None else attention_bits
@@ -184,13 +214,21 @@ def main() -> None:
         for layer in allocated:
             by_type.setdefault(layer.type, []).append(bits[layer.path])
         by_type["attention"] = [(0, b) for pair in attention_bits.values() for b in pair]
-        return {"held_out": score({**bits, **fixed}, held_out, attention_bits),
-                "calibration": score({**bits, **fixed}, probe_sets["calibration"], attention_bits),
-                "by_type": {t: [float(np.mean([b[0] for b in v])), float(np.mean([b[1] for b in v]))]
-                            for t, v in by_type.items()}}
+        return {
+            "held_out": score({**bits, **fixed}, held_out, attention_bits),
+            "calibration": score({**bits, **fixed}, probe_sets["calibration"], attention_bits),
+            "by_type": {
+                t: [float(np.mean([b[0] for b in v])), float(np.mean([b[1] for b in v]))] for t, v in by_type.items()
+            },
+        }
 
-    rows = [{"probes": "—", "allocation": f"uniform W{args.budget}A{args.budget}",
-             **evaluate([(args.budget, args.budget)] * len(units))}]
+    rows = [
+        {
+            "probes": "—",
+            "allocation": f"uniform W{args.budget}A{args.budget}",
+            **evaluate([(args.budget, args.budget)] * len(units)),
+        }
+    ]
     sums, all_curves = {}, {}
     for name, data in probe_sets.items():
         curves = {kind: measured_curves(lambda bits: score(bits, data), units, kind) for kind in KINDS}
@@ -201,35 +239,65 @@ def main() -> None:
             rows.append({"probes": name, "allocation": allocation, **evaluate(unit_bits)})
             print(rows[-1], flush=True)
         unit_bits, matmul_bits = allocations_with_attention(curves, num_weights, num_acts, matmul_acts, args.budget)
-        attention_bits = {p: tuple(matmul_bits[2 * k:2 * k + 2]) for k, p in enumerate(prep.attention)}
-        rows.append({"probes": name, "allocation": "W and A separate, attention matmul inputs allocated too",
-                     "attention_bits": attention_bits, **evaluate(unit_bits, attention_bits)})
+        attention_bits = {p: tuple(matmul_bits[2 * k : 2 * k + 2]) for k, p in enumerate(prep.attention)}
+        rows.append(
+            {
+                "probes": name,
+                "allocation": "W and A separate, attention matmul inputs allocated too",
+                "attention_bits": attention_bits,
+                **evaluate(unit_bits, attention_bits),
+            }
+        )
         print(rows[-1], flush=True)
     uniform = rows[0]["held_out"]
-    lines = ["| probes on | allocation | held-out 1 − cos | ratio to uniform | J on calibration crops | "
-             "mean bits W/A: qkv, proj, fc1, fc2 | mean attention bits |", "|---|---|---:|---:|---:|---|---:|"]
+    lines = [
+        "| probes on | allocation | held-out 1 − cos | ratio to uniform | J on calibration crops | "
+        "mean bits W/A: qkv, proj, fc1, fc2 | mean attention bits |",
+        "|---|---|---:|---:|---:|---|---:|",
+    ]
     for r in rows:
         mean_bits = ", ".join(f"{w:.2f}/{a:.2f}" for w, a in (r["by_type"][t] for t in ("qkv", "proj", "fc1", "fc2")))
-        lines.append(f"| {r['probes']} | {r['allocation']} | {r['held_out']:.4f} | {r['held_out'] / uniform:.2f} "
-                     f"| {r['calibration']:.4f} | {mean_bits} | {r['by_type']['attention'][1]:.2f} |")
-    sum_lines = [f"- probes on {name}: sum over units of ΔJ alone at {args.budget} bits: tied {s['tied']:.4f}, "
-                 f"weights {s['weights']:.4f}, activations {s['activations']:.4f}, attention inputs {s['attention']:.4f}; "
-                 "uniform's J on that set: "
-                 f"{score({**{p: (args.budget, args.budget) for p in by_path}, **fixed}, probe_sets[name], attention):.4f}"
-                 for name, s in sums.items()]
+        lines.append(
+            f"| {r['probes']} | {r['allocation']} | {r['held_out']:.4f} | {r['held_out'] / uniform:.2f} "
+            f"| {r['calibration']:.4f} | {mean_bits} | {r['by_type']['attention'][1]:.2f} |"
+        )
+    sum_lines = [
+        f"- probes on {name}: sum over units of ΔJ alone at {args.budget} bits: tied {s['tied']:.4f}, "
+        f"weights {s['weights']:.4f}, activations {s['activations']:.4f}, attention inputs {s['attention']:.4f}; "
+        "uniform's J on that set: "
+        f"{score({**{p: (args.budget, args.budget) for p in by_path}, **fixed}, probe_sets[name], attention):.4f}"
+        for name, s in sums.items()
+    ]
     total = time.perf_counter() - start
-    body = ("## Ceiling of additive allocation on the real ViT: ILP on measured single-unit costs (DINOv2-S/14)\n\n"
-            f"Each of the 48 units probed alone (rest in float) at {PROBE_BITS} bits, tied / weights only / "
-            "activations only, and the inputs of each of the 24 attention matmuls (q and k of q·kᵀ, softmax and v "
-            "of softmax·v) alone at the same bits, on 16 crops; the ILP takes those measured ΔJ as Ω (average-bit budget "
-            f"{args.budget}, embed/head at 8). Scored on 16 evaluation crops that no probe saw, attention matmul "
-            f"inputs at {args.budget} unless allocated. Where they are allocated, the activation budget is the mean "
-            "over all activation entries, the linear layers' inputs and q, k, v, softmax together (uniform's is the budget "
-            "too). 'evaluation (oracle)' probes on the held-out domain itself.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(sum_lines) + f"\n\nWhole run: {total:.0f} s.")
-    write_section("bench_real_vit_ceiling", body, " ".join(["python benchmarks/bench_real_vit_ceiling.py", *sys.argv[1:]]))
-    write_json("real_vit_ceiling.json", {"rows": rows, "sums": sums, "probe_bits": PROBE_BITS, "units": list(units),
-                                         "attention": list(prep.attention), "curves": all_curves, "seconds": total})
+    body = (
+        "## Ceiling of additive allocation on the real ViT: ILP on measured single-unit costs (DINOv2-S/14)\n\n"
+        f"Each of the 48 units probed alone (rest in float) at {PROBE_BITS} bits, tied / weights only / "
+        "activations only, and the inputs of each of the 24 attention matmuls (q and k of q·kᵀ, softmax and v "
+        "of softmax·v) alone at the same bits, on 16 crops; the ILP takes those measured ΔJ as Ω (average-bit budget "
+        f"{args.budget}, embed/head at 8). Scored on 16 evaluation crops that no probe saw, attention matmul "
+        f"inputs at {args.budget} unless allocated. Where they are allocated, the activation budget is the mean "
+        "over all activation entries, the linear layers' inputs and q, k, v, softmax together (uniform's is the budget "
+        "too). 'evaluation (oracle)' probes on the held-out domain itself.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(sum_lines)
+        + f"\n\nWhole run: {total:.0f} s."
+    )
+    write_section(
+        "bench_real_vit_ceiling", body, " ".join(["python benchmarks/bench_real_vit_ceiling.py", *sys.argv[1:]])
+    )
+    write_json(
+        "real_vit_ceiling.json",
+        {
+            "rows": rows,
+            "sums": sums,
+            "probe_bits": PROBE_BITS,
+            "units": list(units),
+            "attention": list(prep.attention),
+            "curves": all_curves,
+            "seconds": total,
+        },
+    )
 
 
 if __name__ == "__main__":

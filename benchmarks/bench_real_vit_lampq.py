@@ -50,15 +50,23 @@ def run(name, model, variables, calib, budget, layer_probe_bits, seed):
         return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
     base = config_of("lampq", budget, layer_probe_bits, seed)
     if name == "random":
-        return lampq_jax.quantize_random(model, variables, calib, budget=budget, seed=seed, config=base,
-                                         objective="cosine", train=False)
-    return lampq_jax.quantize(model, variables, calib, budget=budget, objective="cosine",
-                              config=config_of(name, budget, layer_probe_bits, seed), train=False)
+        return lampq_jax.quantize_random(
+            model, variables, calib, budget=budget, seed=seed, config=base, objective="cosine", train=False
+        )
+    return lampq_jax.quantize(
+        model,
+        variables,
+        calib,
+        budget=budget,
+        objective="cosine",
+        config=config_of(name, budget, layer_probe_bits, seed),
+        train=False,
+    )
 
 
 def one_minus_cos(fn, images: np.ndarray, ref: np.ndarray) -> float:
     """The calibration objective (`cosine_objective`: mean 1 − cos) of `fn` on `images` against `ref`."""
-    out = np.concatenate([np.asarray(fn(images[i:i + 16])) for i in range(0, len(images), 16)])
+    out = np.concatenate([np.asarray(fn(images[i : i + 16])) for i in range(0, len(images), 16)])
     return float(cosine_objective(out, ref))
 
 
@@ -73,12 +81,12 @@ def main() -> None:
     model, variables = load_dinov2_s14()
     fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
-    ref_eval = np.concatenate([np.asarray(fp_fn(evaluation[i:i + 16])) for i in range(0, 32, 16)])
+    ref_eval = np.concatenate([np.asarray(fp_fn(evaluation[i : i + 16])) for i in range(0, 32, 16)])
 
     rows = []
     for draw in range(args.draws):
         calib = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))
-        ref_calib = np.concatenate([np.asarray(fp_fn(calib[i:i + 16])) for i in range(0, 32, 16)])
+        ref_calib = np.concatenate([np.asarray(fp_fn(calib[i : i + 16])) for i in range(0, 32, 16)])
         for budget in args.budgets:
             for name in args.methods:
                 if name == "uniform" and budget != int(budget):
@@ -87,11 +95,16 @@ def main() -> None:
                 result = run(name, model, variables, calib, budget, args.layer_probe_bits, draw)
                 seconds = time.perf_counter() - start
                 fn = jax.jit(lambda x, r=result: r.apply(x, train=False))
-                row = {"draw": draw, "budget": budget, "method": name, "seconds": seconds,
-                       "eval_1mcos": one_minus_cos(fn, evaluation, ref_eval),
-                       "calib_J": one_minus_cos(fn, calib, ref_calib),
-                       "avg_w_bits": result.report["avg_weight_bits_allocated"],
-                       "timings": {k: round(v, 1) for k, v in result.timings.items()}}
+                row = {
+                    "draw": draw,
+                    "budget": budget,
+                    "method": name,
+                    "seconds": seconds,
+                    "eval_1mcos": one_minus_cos(fn, evaluation, ref_eval),
+                    "calib_J": one_minus_cos(fn, calib, ref_calib),
+                    "avg_w_bits": result.report["avg_weight_bits_allocated"],
+                    "timings": {k: round(v, 1) for k, v in result.timings.items()},
+                }
                 rows.append(row)
                 print(row, flush=True)
 
@@ -99,8 +112,10 @@ def main() -> None:
         values = [r[key] for r in rows if r["budget"] == budget and r["method"] == name]
         return (float(np.mean(values)), float(np.std(values))) if values else None
 
-    lines = ["| budget | method | eval class-token cosine | eval 1 − cos | ratio to uniform | calibration J | seconds |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| budget | method | eval class-token cosine | eval 1 − cos | ratio to uniform | calibration J | seconds |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
     for budget in args.budgets:
         uniform = stat(budget, "uniform", "eval_1mcos")
         for name in args.methods:
@@ -110,15 +125,19 @@ def main() -> None:
             c, s = stat(budget, name, "calib_J"), stat(budget, name, "seconds")
             ratio = f"{e[0] / uniform[0]:.2f}" if uniform else "—"
             spread = f" ± {e[1]:.4f}" if args.draws > 1 else ""
-            lines.append(f"| {budget:g} | {name} | {1 - e[0]:.4f}{spread} | {e[0]:.4f} | {ratio} | {c[0]:.4f} "
-                         f"| {s[0]:.0f} |")
+            lines.append(
+                f"| {budget:g} | {name} | {1 - e[0]:.4f}{spread} | {e[0]:.4f} | {ratio} | {c[0]:.4f} | {s[0]:.0f} |"
+            )
     total = time.perf_counter() - start_all
-    body = ("## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines\n\n"
-            f"{args.draws} calibration draw(s) of 32 photo crops, 32 held-out evaluation crops of other photos, "
-            "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied), embed/head at 8, "
-            "attention inputs at the budget rounded. 'ratio to uniform' is (1 − cos) over uniform's (goal ≤ 0.75). "
-            "'calibration J' is the objective on the calibration crops.\n\n"
-            + "\n".join(lines) + f"\n\nWhole run: {total:.0f} s.")
+    body = (
+        "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines\n\n"
+        f"{args.draws} calibration draw(s) of 32 photo crops, 32 held-out evaluation crops of other photos, "
+        "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied), embed/head at 8, "
+        "attention inputs at the budget rounded. 'ratio to uniform' is (1 − cos) over uniform's (goal ≤ 0.75). "
+        "'calibration J' is the objective on the calibration crops.\n\n"
+        + "\n".join(lines)
+        + f"\n\nWhole run: {total:.0f} s."
+    )
     write_section("bench_real_vit_lampq", body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
     write_json("real_vit_lampq.json", {"rows": rows, "seconds": total})
 

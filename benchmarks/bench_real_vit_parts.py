@@ -48,8 +48,10 @@ def prepared_float_variables(variables, quantized):
     centering (`LampQConfig.center_keys`), so a part run on the raw `variables` would put the keys off
     the grid their quantizer was calibrated on.
     """
+
     def pick(path, raw, prepared):
         return raw if jax.tree_util.keystr(path).endswith("['kernel']") else prepared
+
     return jax.tree_util.tree_map_with_path(pick, variables, quantized.variables)
 
 
@@ -61,6 +63,7 @@ def part_runs(model, variables, result, images, ref, measure):
     attention = [p for p, _ in quantized.spec.attention]
     attn_bits = dict(quantized.spec.attention)
     from lampq_jax.apply.dynamic import DynamicQuantizer
+
     dq = DynamicQuantizer(model, variables, layers, attention, quantized.act_params, dict(KWARGS))
 
     def layers_of(t, weights=True, acts=True):
@@ -148,11 +151,16 @@ def main() -> None:
     q_tokens = class_tokens(lambda x: task.apply(x, train=False), test_x)
     standard = lambda f: (f - probe["mean"]) / probe["std"]  # noqa: E731
     out["probe"] = {
-        "cosine": float(np.mean(np.sum(q_tokens * fp_tokens, -1) / (np.linalg.norm(q_tokens, axis=-1)
-                                                                      * np.linalg.norm(fp_tokens, axis=-1)))),
+        "cosine": float(
+            np.mean(
+                np.sum(q_tokens * fp_tokens, -1)
+                / (np.linalg.norm(q_tokens, axis=-1) * np.linalg.norm(fp_tokens, axis=-1))
+            )
+        ),
         "relative_error": float(np.linalg.norm(q_tokens - fp_tokens) / np.linalg.norm(fp_tokens)),
-        "standardized_relative_error": float(np.linalg.norm(standard(q_tokens) - standard(fp_tokens))
-                                             / np.linalg.norm(standard(fp_tokens))),
+        "standardized_relative_error": float(
+            np.linalg.norm(standard(q_tokens) - standard(fp_tokens)) / np.linalg.norm(standard(fp_tokens))
+        ),
     }
     print(out["probe"], flush=True)
 
@@ -163,27 +171,48 @@ def main() -> None:
     rand_ref = np.asarray(rand_model.apply(rand_vars, images[4:], train=False))
     rand_result = lampq_jax.quantize_uniform(rand_model, rand_vars, images[:4], 8, train=False)
     rel = lambda o, r: float(np.linalg.norm(np.asarray(o) - r) / np.linalg.norm(r))  # noqa: E731
-    out["random_vit"] = {"all": rel(rand_result.apply(images[4:], train=False), rand_ref),
-                         **part_runs(rand_model, rand_vars, rand_result, images[4:], rand_ref, rel)}
+    out["random_vit"] = {
+        "all": rel(rand_result.apply(images[4:], train=False), rand_ref),
+        **part_runs(rand_model, rand_vars, rand_result, images[4:], rand_ref, rel),
+    }
     print(out["random_vit"], flush=True)
 
     names = list(out["parts"][8])
-    lines = ["### One part quantized, the rest in float (class-token cosine)", "",
-             "| part | W8A8 | W4A4 |", "|---|---:|---:|"]
+    lines = [
+        "### One part quantized, the rest in float (class-token cosine)",
+        "",
+        "| part | W8A8 | W4A4 |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {n} | {out['parts'][8][n]:.4f} | {out['parts'][4][n]:.4f} |" for n in names]
-    lines += ["", "### The defaults and their alternatives, whole model uniform (class-token cosine)", "",
-              "| variant | W8A8 | W4A4 |", "|---|---:|---:|"]
+    lines += [
+        "",
+        "### The defaults and their alternatives, whole model uniform (class-token cosine)",
+        "",
+        "| variant | W8A8 | W4A4 |",
+        "|---|---:|---:|",
+    ]
     lines += [f"| {n} | {r[8]:.4f} | {r[4]:.4f} |" for n, r in out["variants"].items()]
     p = out["probe"]
-    lines += ["", "### Fashion-MNIST probe at W8A8 (300 test images, calibrated on 32 training images)", "",
-              f"Class-token cosine {p['cosine']:.4f}; relative error {p['relative_error']:.3f}, after the probe's "
-              f"standardization {p['standardized_relative_error']:.3f}.", "",
-              "### Random ViT-Ti/16 (4 blocks, 224², Gaussian images): W8A8 relative error", "",
-              "| part | relative error |", "|---|---:|"]
+    lines += [
+        "",
+        "### Fashion-MNIST probe at W8A8 (300 test images, calibrated on 32 training images)",
+        "",
+        f"Class-token cosine {p['cosine']:.4f}; relative error {p['relative_error']:.3f}, after the probe's "
+        f"standardization {p['standardized_relative_error']:.3f}.",
+        "",
+        "### Random ViT-Ti/16 (4 blocks, 224², Gaussian images): W8A8 relative error",
+        "",
+        "| part | relative error |",
+        "|---|---:|",
+    ]
     lines += [f"| {n} | {v:.4f} |" for n, v in out["random_vit"].items()]
     total = time.perf_counter() - start_all
-    body = ("## Real-ViT diagnostics: DINOv2-S/14, 16 calibration / 16 held-out crops\n\n" + "\n".join(lines)
-            + f"\n\nWhole run: {total:.0f} s.")
+    body = (
+        "## Real-ViT diagnostics: DINOv2-S/14, 16 calibration / 16 held-out crops\n\n"
+        + "\n".join(lines)
+        + f"\n\nWhole run: {total:.0f} s."
+    )
     write_section("bench_real_vit_parts", body, "python benchmarks/bench_real_vit_parts.py")
     write_json("real_vit_parts.json", {**out, "seconds": total})
 

@@ -44,14 +44,18 @@ def main() -> None:
             cls, every = cosines(np.asarray(result.apply(evaluation, train=False)), ref)
             rows.append(f"| {method} | W{bits}A{bits} | {cls:.4f} | {every:.4f} | {seconds:.0f} |")
             print(rows[-1], flush=True)
-    table = "\n".join(["| weights | bits | class-token cosine | all-token cosine | seconds |",
-                       "|---|---|---|---|---|", *rows])
-    body = ("## Real-ViT weight rounding: GPTQ against round-to-nearest (DINOv2-S/14, uniform WbAb)\n\n"
-            "32 calibration / 32 held-out evaluation crops (those of `bench_real_vit.py`); every other base "
-            "quantizer at its default.\n\n"
-            f"{table}\n\nWhole run: {time.perf_counter() - start:.0f} s.")
-    write_section("bench_real_vit_weights", body,
-                  " ".join(["python benchmarks/bench_real_vit_weights.py", *sys.argv[1:]]))
+    table = "\n".join(
+        ["| weights | bits | class-token cosine | all-token cosine | seconds |", "|---|---|---|---|---|", *rows]
+    )
+    body = (
+        "## Real-ViT weight rounding: GPTQ against round-to-nearest (DINOv2-S/14, uniform WbAb)\n\n"
+        "32 calibration / 32 held-out evaluation crops (those of `bench_real_vit.py`); every other base "
+        "quantizer at its default.\n\n"
+        f"{table}\n\nWhole run: {time.perf_counter() - start:.0f} s."
+    )
+    write_section(
+        "bench_real_vit_weights", body, " ".join(["python benchmarks/bench_real_vit_weights.py", *sys.argv[1:]])
+    )
 
 
 if __name__ == "__main__":

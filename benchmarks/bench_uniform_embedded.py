@@ -34,14 +34,20 @@ def main() -> None:
             acc = float(np.mean(np.asarray(result.apply(images)).argmax(-1) == labels) * 100)
             rows.append({"setting": label, "bits": bits, "accuracy": acc})
             print(rows[-1], flush=True)
-    table = ["| setting | W8A8 | W6A6 | W4A4 | W3A3 |", "|---|---:|---:|---:|---:|",
-             f"| full precision: {fp:.2f} % | | | | |"]
+    table = [
+        "| setting | W8A8 | W6A6 | W4A4 | W3A3 |",
+        "|---|---:|---:|---:|---:|",
+        f"| full precision: {fp:.2f} % | | | | |",
+    ]
     for label in ("default quantizers", "every input per tensor"):
         accs = {r["bits"]: r["accuracy"] for r in rows if r["setting"] == label}
         table.append(f"| {label} | " + " | ".join(f"{accs[b]:.2f}" for b in (8, 6, 4, 3)) + " |")
     total = time.perf_counter() - start_all
-    body = ("## Uniform WbAb on the embedded Fashion-MNIST ViT (test accuracy, %, 2,000 images)\n\n"
-            + "\n".join(table) + f"\n\nWhole run: {total:.0f} s.")
+    body = (
+        "## Uniform WbAb on the embedded Fashion-MNIST ViT (test accuracy, %, 2,000 images)\n\n"
+        + "\n".join(table)
+        + f"\n\nWhole run: {total:.0f} s."
+    )
     write_section("bench_uniform_embedded", body, "python benchmarks/bench_uniform_embedded.py")
     write_json("uniform_embedded.json", {"fp_accuracy": fp, "rows": rows, "seconds": total})
 

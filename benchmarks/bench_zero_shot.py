@@ -54,15 +54,32 @@ def quantize_method(name, model, variables, calib, real, budget, output):
         return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
     config = lampq_jax.LampQConfig(output=output, metric_check=False, progress=False)
     objective = "cosine" if output == "features" else None
-    return lampq_jax.quantize(model, variables, real if name == "real LampQ" else calib, budget=budget,
-                              config=config, objective=objective, train=False)
+    return lampq_jax.quantize(
+        model,
+        variables,
+        real if name == "real LampQ" else calib,
+        budget=budget,
+        config=config,
+        objective=objective,
+        train=False,
+    )
 
 
 def synthesize_timed(model, variables, num_images, image_shape, steps, output, pixel_range, seed, **options):
     start = time.perf_counter()
-    images = synthesize_calibration(model, variables, num_images, image_shape, steps=steps,
-                                    rng=jax.random.key(seed), output=output, pixel_range=pixel_range,
-                                    progress=False, train=False, **options)
+    images = synthesize_calibration(
+        model,
+        variables,
+        num_images,
+        image_shape,
+        steps=steps,
+        rng=jax.random.key(seed),
+        output=output,
+        pixel_range=pixel_range,
+        progress=False,
+        train=False,
+        **options,
+    )
     return images, time.perf_counter() - start
 
 
@@ -80,8 +97,18 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
     for seed in args.seeds:
         pick = np.random.default_rng(seed).choice(len(data["calib_images"]), 32, replace=False)
         real = data["calib_images"][np.sort(pick)]
-        synthetic, seconds = synthesize_timed(model, variables, args.embedded_images, shape, args.embedded_steps,
-                                              "logits", pixel_range, seed, tv_weight=args.tv_weight, lr=args.lr)
+        synthetic, seconds = synthesize_timed(
+            model,
+            variables,
+            args.embedded_images,
+            shape,
+            args.embedded_steps,
+            "logits",
+            pixel_range,
+            seed,
+            tv_weight=args.tv_weight,
+            lr=args.lr,
+        )
         synthesis_seconds.append(seconds)
         noise = noise_images((args.embedded_images, *shape), pixel_range, seed)
         for budget in args.budgets:
@@ -91,12 +118,25 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
                 result = quantize_method(name, model, variables, calib, real, budget, "logits")
                 logits = batched(lambda x: result.apply(x, train=False), test_x, 500)
                 acc = float(np.mean(logits.argmax(-1) == test_y) * 100)
-                rows.append({"model": "embedded", "seed": seed, "budget": budget, "method": name, "accuracy": acc,
-                             "seconds": time.perf_counter() - start})
+                rows.append(
+                    {
+                        "model": "embedded",
+                        "seed": seed,
+                        "budget": budget,
+                        "method": name,
+                        "accuracy": acc,
+                        "seconds": time.perf_counter() - start,
+                    }
+                )
                 print(rows[-1], flush=True)
     seconds = float(np.mean(synthesis_seconds))
-    settings = {"images": args.embedded_images, "steps": args.embedded_steps, "seconds": seconds,
-                "per_image": seconds / args.embedded_images, "fp_accuracy": fp}
+    settings = {
+        "images": args.embedded_images,
+        "steps": args.embedded_steps,
+        "seconds": seconds,
+        "per_image": seconds / args.embedded_images,
+        "fp_accuracy": fp,
+    }
     return rows, settings
 
 
@@ -110,12 +150,22 @@ def real_vit_rows(args) -> tuple[list[dict], dict]:
     with np.load(PROBE_FILE) as f:
         probe = {k: f[k] for k in f.files}
     test_x, test_y = load_fashion_mnist("test")
-    test_x = np.concatenate([fmnist_224(test_x[i:i + 50]) for i in range(0, args.probe_test, 50)])
-    test_y = test_y[:args.probe_test]
+    test_x = np.concatenate([fmnist_224(test_x[i : i + 50]) for i in range(0, args.probe_test, 50)])
+    test_y = test_y[: args.probe_test]
     fp_probe = probe_accuracy(probe, batched(fp_fn, test_x, 50), test_y)
-    synthetic, seconds = synthesize_timed(model, variables, args.vit_images, (224, 224, 3), args.vit_steps,
-                                          "features", pixel_range, args.seeds[0], tv_weight=args.tv_weight, lr=args.lr,
-                                          group_size=args.vit_images)
+    synthetic, seconds = synthesize_timed(
+        model,
+        variables,
+        args.vit_images,
+        (224, 224, 3),
+        args.vit_steps,
+        "features",
+        pixel_range,
+        args.seeds[0],
+        tv_weight=args.tv_weight,
+        lr=args.lr,
+        group_size=args.vit_images,
+    )
     noise = noise_images((args.vit_images, 224, 224, 3), pixel_range, args.seeds[0])
     rows = []
     for budget in args.budgets:
@@ -127,40 +177,67 @@ def real_vit_rows(args) -> tuple[list[dict], dict]:
             fn = jax.jit(lambda x, r=result: r.apply(x, train=False))
             cos = 1 - float(cosine_objective(batched(fn, evaluation, 16), ref_eval))
             acc = probe_accuracy(probe, batched(fn, test_x, 50), test_y)
-            rows.append({"model": "real_vit", "seed": args.seeds[0], "budget": budget, "method": name, "cosine": cos, "probe_accuracy": acc,
-                         "seconds": seconds_q})
+            rows.append(
+                {
+                    "model": "real_vit",
+                    "seed": args.seeds[0],
+                    "budget": budget,
+                    "method": name,
+                    "cosine": cos,
+                    "probe_accuracy": acc,
+                    "seconds": seconds_q,
+                }
+            )
             print(rows[-1], flush=True)
-    settings = {"images": args.vit_images, "steps": args.vit_steps, "seconds": seconds,
-                "per_image": seconds / args.vit_images, "fp_probe_accuracy": fp_probe}
+    settings = {
+        "images": args.vit_images,
+        "steps": args.vit_steps,
+        "seconds": seconds,
+        "per_image": seconds / args.vit_images,
+        "fp_probe_accuracy": fp_probe,
+    }
     return rows, settings
 
 
 def table(rows, budgets, key, fmt, gap_goal) -> list[str]:
     """One row per budget: each method's mean (± std over seeds), then zero-shot − real of the means."""
-    lines = ["| budget | " + " | ".join(METHODS) + " | gap zero-shot − real (goal) |",
-             "|---|" + "---:|" * (len(METHODS) + 1)]
+    lines = [
+        "| budget | " + " | ".join(METHODS) + " | gap zero-shot − real (goal) |",
+        "|---|" + "---:|" * (len(METHODS) + 1),
+    ]
     for budget in budgets:
         values = {m: [r[key] for r in rows if r["budget"] == budget and r["method"] == m] for m in METHODS}
-        cells = [fmt.format(np.mean(v)) + (f" ± {fmt.format(np.std(v))}" if len(v) > 1 else "")
-                 for v in values.values()]
+        cells = [
+            fmt.format(np.mean(v)) + (f" ± {fmt.format(np.std(v))}" if len(v) > 1 else "") for v in values.values()
+        ]
         gap = float(np.mean(values["zero-shot LampQ"]) - np.mean(values["real LampQ"]))
-        lines.append(f"| {budget:g} | " + " | ".join(cells)
-                     + f" | {fmt.format(gap)} ({'met' if -gap <= gap_goal + 1e-9 else 'not met'}: ≥ −{gap_goal:g}) |")
+        lines.append(
+            f"| {budget:g} | "
+            + " | ".join(cells)
+            + f" | {fmt.format(gap)} ({'met' if -gap <= gap_goal + 1e-9 else 'not met'}: ≥ −{gap_goal:g}) |"
+        )
     return lines
 
 
 def header(args) -> str:
-    return ("Budgets in average weight bits (W/A tied), embed/head at 8. Synthesis: Adam lr "
-            f"{args.lr}, w_H 1, w_CE 1 (logits only), w_TV {args.tv_weight}, jitter 2, flips, 64 KDE points, "
-            "pixels clipped to the normalized [0, 1] image range. Noise = N(0, 1) clipped the same way.")
+    return (
+        "Budgets in average weight bits (W/A tied), embed/head at 8. Synthesis: Adam lr "
+        f"{args.lr}, w_H 1, w_CE 1 (logits only), w_TV {args.tv_weight}, jitter 2, flips, 64 KDE points, "
+        "pixels clipped to the normalized [0, 1] image range. Noise = N(0, 1) clipped the same way."
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["embedded", "real_vit"], choices=["embedded", "real_vit"])
     parser.add_argument("--budgets", type=float, nargs="+", default=[4.0, 3.0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
-                        help="embedded: one row set per seed; real_vit: the first seed only (CPU time)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=[0, 1, 2],
+        help="embedded: one row set per seed; real_vit: the first seed only (CPU time)",
+    )
     parser.add_argument("--embedded-images", type=int, default=32)
     parser.add_argument("--embedded-steps", type=int, default=500)
     parser.add_argument("--vit-images", type=int, default=16)
@@ -177,28 +254,41 @@ def main() -> None:
         rows, s = embedded_rows(args)
         total = time.perf_counter() - start
         seeds = f"{len(args.seeds)} seeds (mean ± std; each seed its own synthesis, noise and real draw)"
-        write_section("bench_zero_shot_embedded", (
-            "## Zero-shot LampQ, embedded Fashion-MNIST ViT (17 tokens): test accuracy (%), 2,000 images\n\n"
-            + header(args) + f" FP {s['fp_accuracy']:.2f} %; {seeds}.\n\n"
-            + "\n".join(table(rows, args.budgets, "accuracy", "{:.2f}", 1.0))
-            + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.1f} s "
-            f"({s['per_image']:.2f} s per image); real calibration: 32 embedded calibration images. "
-            f"Whole part: {total:.0f} s."), command)
+        write_section(
+            "bench_zero_shot_embedded",
+            (
+                "## Zero-shot LampQ, embedded Fashion-MNIST ViT (17 tokens): test accuracy (%), 2,000 images\n\n"
+                + header(args)
+                + f" FP {s['fp_accuracy']:.2f} %; {seeds}.\n\n"
+                + "\n".join(table(rows, args.budgets, "accuracy", "{:.2f}", 1.0))
+                + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.1f} s "
+                f"({s['per_image']:.2f} s per image); real calibration: 32 embedded calibration images. "
+                f"Whole part: {total:.0f} s."
+            ),
+            command,
+        )
         write_json("zero_shot_embedded.json", {"rows": rows, "synthesis": s, "seconds": total, "args": vars(args)})
     if "real_vit" in args.parts:
         start = time.perf_counter()
         rows, s = real_vit_rows(args)
         total = time.perf_counter() - start
-        write_section("bench_zero_shot_real_vit", (
-            "## Zero-shot LampQ, real ViT DINOv2-S/14 (257 tokens): class-token cosine to FP, 32 held-out photo "
-            "crops\n\n" + header(args) + f" One seed ({args.seeds[0]}).\n\n"
-            + "\n".join(table(rows, args.budgets, "cosine", "{:.4f}", 0.03))
-            + f"\n\nFashion-MNIST linear-probe accuracy (%), first {args.probe_test} test images at 224², "
-            f"FP {s['fp_probe_accuracy']:.2f} %:\n\n"
-            + "\n".join(table(rows, args.budgets, "probe_accuracy", "{:.2f}", 1.0))
-            + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.0f} s "
-            f"({s['per_image']:.1f} s per image on this CPU); every LampQ row calibrates on {s['images']} images "
-            f"(real: {s['images']} photo crops), not 32, to fit the machine. Whole part: {total:.0f} s."), command)
+        write_section(
+            "bench_zero_shot_real_vit",
+            (
+                "## Zero-shot LampQ, real ViT DINOv2-S/14 (257 tokens): class-token cosine to FP, 32 held-out photo "
+                "crops\n\n"
+                + header(args)
+                + f" One seed ({args.seeds[0]}).\n\n"
+                + "\n".join(table(rows, args.budgets, "cosine", "{:.4f}", 0.03))
+                + f"\n\nFashion-MNIST linear-probe accuracy (%), first {args.probe_test} test images at 224², "
+                f"FP {s['fp_probe_accuracy']:.2f} %:\n\n"
+                + "\n".join(table(rows, args.budgets, "probe_accuracy", "{:.2f}", 1.0))
+                + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.0f} s "
+                f"({s['per_image']:.1f} s per image on this CPU); every LampQ row calibrates on {s['images']} images "
+                f"(real: {s['images']} photo crops), not 32, to fit the machine. Whole part: {total:.0f} s."
+            ),
+            command,
+        )
         write_json("zero_shot_real_vit.json", {"rows": rows, "synthesis": s, "seconds": total, "args": vars(args)})
 
 

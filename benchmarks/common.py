@@ -46,7 +46,7 @@ def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict
 
 def batched(fn: Callable[[Any], Any], images: Any, batch: int) -> np.ndarray:
     """fn's outputs on `images`, `batch` at a time, concatenated as a numpy array."""
-    return np.concatenate([np.asarray(fn(images[i:i + batch])) for i in range(0, len(images), batch)])
+    return np.concatenate([np.asarray(fn(images[i : i + batch])) for i in range(0, len(images), batch)])
 
 
 def write_section(name: str, body: str, command: str) -> None:

@@ -1,10 +1,10 @@
 """The baselines of METHOD.md §10 as configurations of the same machinery.
 
-    uniform         `quantize_uniform(..., bits)`
-    hawq            HAWQ-V3 style: α = none (trace-weighted Fisher), no iterations (K = 0)
-    vtptq           VT-PTQ style: one bit-width per attention / MLP module, nuclear-norm metric
-    random          random assignments that meet the same budget (`quantize_random`)
-    no_i1 / no_i2 / no_i3   LampQ without per-layer granularity / the type-aware α / the iterations
+uniform         `quantize_uniform(..., bits)`
+hawq            HAWQ-V3 style: α = none (trace-weighted Fisher), no iterations (K = 0)
+vtptq           VT-PTQ style: one bit-width per attention / MLP module, nuclear-norm metric
+random          random assignments that meet the same budget (`quantize_random`)
+no_i1 / no_i2 / no_i3   LampQ without per-layer granularity / the type-aware α / the iterations
 """
 
 from __future__ import annotations
@@ -52,6 +52,12 @@ def quantize_random(
     `rules`: the user's (regex, type) rules for the layer types, as in `quantize`.
     """
     rules = checked_rules(rules)
-    return quantize(model, variables, calib_images, budget=budget,
-                    config=dataclasses.replace(config, metric="random", iterations=0, alpha="none", seed=seed,
-                                               metric_check=False), rules=rules, **apply_kwargs)
+    return quantize(
+        model,
+        variables,
+        calib_images,
+        budget=budget,
+        config=dataclasses.replace(config, metric="random", iterations=0, alpha="none", seed=seed, metric_check=False),
+        rules=rules,
+        **apply_kwargs,
+    )

@@ -78,8 +78,10 @@ def user_model(spec: str, kwargs: Optional[dict] = None):
 
 def _model_config_without_fn(args: argparse.Namespace) -> None:
     if args.model_config and not args.model_fn:
-        raise ValueError(f"--model-config {args.model_config} without --model-fn: here it gives the keyword "
-                         "arguments of --model-fn's function")
+        raise ValueError(
+            f"--model-config {args.model_config} without --model-fn: here it gives the keyword "
+            "arguments of --model-fn's function"
+        )
 
 
 def _cmd_layers(args: argparse.Namespace) -> int:
@@ -112,8 +114,13 @@ def _cmd_layers(args: argparse.Namespace) -> int:
 
 # CLI flags that set a LampQConfig field: {flag: field}; the default, type and choices are the field's.
 CONFIG_FLAGS = {
-    "--candidates": "candidates", "--budget-kind": "budget_kind", "--granularity": "granularity",
-    "--alpha": "alpha", "--iterations": "iterations", "--probes": "probes", "--calibration": "calibration",
+    "--candidates": "candidates",
+    "--budget-kind": "budget_kind",
+    "--granularity": "granularity",
+    "--alpha": "alpha",
+    "--iterations": "iterations",
+    "--probes": "probes",
+    "--calibration": "calibration",
     "--seed": "seed",
 }
 # Switches that set a boolean field: {flag: (field, the value the switch sets)}.
@@ -134,8 +141,9 @@ def _config(args: argparse.Namespace):
     from lampq_jax.config import LampQConfig
 
     fields = {field: getattr(args, _dest(flag)) for flag, field in CONFIG_FLAGS.items()}
-    fields.update({field: value if getattr(args, _dest(flag)) else not value
-                   for flag, (field, value) in CONFIG_SWITCHES.items()})
+    fields.update(
+        {field: value if getattr(args, _dest(flag)) else not value for flag, (field, value) in CONFIG_SWITCHES.items()}
+    )
     fields["candidates"] = tuple(fields["candidates"])
     return LampQConfig(**fields, output=getattr(args, "output", "logits"))
 
@@ -167,9 +175,13 @@ def _write_outputs(folder: Path, result, summary_rows) -> None:
     from lampq_jax.report import plot_bits, plot_image_grid, report_markdown
 
     result.save(folder / "result")
-    allocation = {"method": result.method, "bits": {p: list(b) for p, b in result.bits.items()},
-                  "attention_bits": result.attention_bits, "budget": result.report.get("budget"),
-                  "avg_weight_bits_allocated": result.report["avg_weight_bits_allocated"]}
+    allocation = {
+        "method": result.method,
+        "bits": {p: list(b) for p, b in result.bits.items()},
+        "attention_bits": result.attention_bits,
+        "budget": result.report.get("budget"),
+        "avg_weight_bits_allocated": result.report["avg_weight_bits_allocated"],
+    }
     (folder / "allocation.json").write_text(json.dumps(allocation, indent=1))
     if result.synthetic_images is not None:
         np.savez(folder / "zero_shot_images.npz", images=result.synthetic_images)
@@ -181,8 +193,14 @@ def _write_outputs(folder: Path, result, summary_rows) -> None:
 def _row(name: str, acc: float, report: Optional[dict], seconds: float, fp_bytes: float) -> list[str]:
     if report is None:
         return [name, f"{acc:.2f}", "32", "32", f"{fp_bytes:,.0f}", f"{seconds:.1f}"]
-    return [name, f"{acc:.2f}", f"{report['avg_weight_bits_allocated']:.2f}", f"{report['avg_act_bits_allocated']:.2f}",
-            f"{report['model_bytes']:,.0f}", f"{seconds:.1f}"]
+    return [
+        name,
+        f"{acc:.2f}",
+        f"{report['avg_weight_bits_allocated']:.2f}",
+        f"{report['avg_act_bits_allocated']:.2f}",
+        f"{report['model_bytes']:,.0f}",
+        f"{seconds:.1f}",
+    ]
 
 
 def _print_table(rows: list[list[str]]) -> None:
@@ -207,8 +225,10 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     data = load_embedded_subset()
     calib = data["calib_images"][: args.num_calib]
     test_x, test_y = data["test_images"], data["test_labels"]
-    print(f"embedded model: ViT {config['overrides']} on Fashion-MNIST; {len(calib)} calibration images, "
-          f"{len(test_x)} test images; budget {args.budget} bits (weights and activations)")
+    print(
+        f"embedded model: ViT {config['overrides']} on Fashion-MNIST; {len(calib)} calibration images, "
+        f"{len(test_x)} test images; budget {args.budget} bits (weights and activations)"
+    )
     fp_apply = jax.jit(lambda x: model.apply(variables, x, train=False))
     start = time.perf_counter()
     fp_acc = accuracy(fp_apply, test_x, test_y)
@@ -219,20 +239,41 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     uniform = lampq_jax.quantize_uniform(model, variables, calib, uniform_bits, train=False)
     uniform_acc = accuracy(uniform.apply, test_x, test_y)
-    rows.append(_row(f"uniform W{uniform_bits}A{uniform_bits}", uniform_acc, uniform.report,
-                     time.perf_counter() - start, fp_bytes))
+    rows.append(
+        _row(
+            f"uniform W{uniform_bits}A{uniform_bits}",
+            uniform_acc,
+            uniform.report,
+            time.perf_counter() - start,
+            fp_bytes,
+        )
+    )
     start = time.perf_counter()
     result = lampq_jax.quantize(model, variables, calib, budget=args.budget, config=_config(args), train=False)
     lampq_acc = accuracy(result.apply, test_x, test_y)
-    rows.append(_row(f"LampQ {args.budget:g}MP/{args.budget:g}MP", lampq_acc, result.report,
-                     time.perf_counter() - start, fp_bytes))
+    rows.append(
+        _row(
+            f"LampQ {args.budget:g}MP/{args.budget:g}MP",
+            lampq_acc,
+            result.report,
+            time.perf_counter() - start,
+            fp_bytes,
+        )
+    )
     if args.finetune_steps:
         start = time.perf_counter()
-        result = _finetune(args, result, variables, data["calib_images"], {"train": False},
-                           validation=data["val_images"][:500])
-        rows.append(_row(f"LampQ + QAT ({args.finetune_steps} steps, {len(data['calib_images'])} images)",
-                         accuracy(result.apply, test_x, test_y), result.report, time.perf_counter() - start,
-                         fp_bytes))
+        result = _finetune(
+            args, result, variables, data["calib_images"], {"train": False}, validation=data["val_images"][:500]
+        )
+        rows.append(
+            _row(
+                f"LampQ + QAT ({args.finetune_steps} steps, {len(data['calib_images'])} images)",
+                accuracy(result.apply, test_x, test_y),
+                result.report,
+                time.perf_counter() - start,
+                fp_bytes,
+            )
+        )
     print()
     _print_table(rows)
     with _Staging(Path(args.out), overwrite=True) as folder:
@@ -241,9 +282,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_calibration(path: str, *, image_size: Optional[int] = None, normalization: Optional[str] = None,
-                     channels: Optional[int] = None, limit: Optional[int] = None
-                     ) -> tuple[np.ndarray, Optional[np.ndarray], str]:
+def load_calibration(
+    path: str,
+    *,
+    image_size: Optional[int] = None,
+    normalization: Optional[str] = None,
+    channels: Optional[int] = None,
+    limit: Optional[int] = None,
+) -> tuple[np.ndarray, Optional[np.ndarray], str]:
     """Images [N, H, W, C] float32, labels (or None) and a sentence naming the preprocessing.
 
     Sources:
@@ -264,23 +310,36 @@ def load_calibration(path: str, *, image_size: Optional[int] = None, normalizati
     if photos:
         npy = sorted(f.name for f in p.iterdir() if f.suffix.lower() == ".npy")
         if npy:
-            raise ValueError(f"calibration folder {path} mixes {len(photos)} JPEG/PNG image(s) and {len(npy)} .npy "
-                             f"array(s) (e.g. {npy[0]}); keep one kind")
+            raise ValueError(
+                f"calibration folder {path} mixes {len(photos)} JPEG/PNG image(s) and {len(npy)} .npy "
+                f"array(s) (e.g. {npy[0]}); keep one kind"
+            )
         missing = [flag for flag, v in (("--image-size", image_size), ("--normalize", normalization)) if v is None]
         if missing:
-            raise ValueError(f"calibration folder {path} holds JPEG/PNG images; give {' and '.join(missing)} (the "
-                             "model's input side, and one of imagenet: timm / Hugging Face, minus1_1: big_vision / "
-                             "Scenic, unit: [0, 1])")
+            raise ValueError(
+                f"calibration folder {path} holds JPEG/PNG images; give {' and '.join(missing)} (the "
+                "model's input side, and one of imagenet: timm / Hugging Face, minus1_1: big_vision / "
+                "Scenic, unit: [0, 1])"
+            )
         channels = channels or 3
-        images, files = load_image_folder(p, size=image_size, normalization=normalization, channels=channels,
-                                          limit=limit)
-        return images, None, describe_preprocessing(path, len(files), size=image_size, normalization=normalization,
-                                                    channels=channels)
-    given = [flag for flag, v in (("--image-size", image_size), ("--normalize", normalization),
-                                  ("--channels", channels)) if v is not None]
+        images, files = load_image_folder(
+            p, size=image_size, normalization=normalization, channels=channels, limit=limit
+        )
+        return (
+            images,
+            None,
+            describe_preprocessing(path, len(files), size=image_size, normalization=normalization, channels=channels),
+        )
+    given = [
+        flag
+        for flag, v in (("--image-size", image_size), ("--normalize", normalization), ("--channels", channels))
+        if v is not None
+    ]
     if given:
-        raise ValueError(f"{' and '.join(given)}: only for folders of JPEG/PNG images; {path} holds arrays, "
-                         "which are used as they are")
+        raise ValueError(
+            f"{' and '.join(given)}: only for folders of JPEG/PNG images; {path} holds arrays, "
+            "which are used as they are"
+        )
     if p.is_dir():
         files = sorted(f for f in p.iterdir() if f.suffix.lower() == ".npy")
         if not files:
@@ -320,8 +379,11 @@ def checkpoint_file(path: Path) -> Path:
         return path
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    steps = {int(p.name.rsplit("_", 1)[1]): p for p in path.glob("checkpoint_*")
-             if p.is_file() and p.name.rsplit("_", 1)[1].isdigit()}
+    steps = {
+        int(p.name.rsplit("_", 1)[1]): p
+        for p in path.glob("checkpoint_*")
+        if p.is_file() and p.name.rsplit("_", 1)[1].isdigit()
+    }
     if not steps:
         raise FileNotFoundError(f"checkpoint folder {path} holds no checkpoint_<step> file")
     return steps[max(steps)]
@@ -353,8 +415,10 @@ def load_model(args: argparse.Namespace):
     ckpt = checkpoint_file(Path(args.checkpoint))
     if args.model_fn:
         if args.format != "scenic" or ckpt.suffix == ".npz":
-            raise ValueError("--model-fn takes a flax msgpack checkpoint of that model's variables "
-                             f"(--format scenic, not .npz), got --format {args.format} and {ckpt.name}")
+            raise ValueError(
+                "--model-fn takes a flax msgpack checkpoint of that model's variables "
+                f"(--format scenic, not .npz), got --format {args.format} and {ckpt.name}"
+            )
         config = json.loads(Path(args.model_config).read_text()) if args.model_config else None
         raw = flax.serialization.msgpack_restore(ckpt.read_bytes())
         return user_model(args.model_fn, config), variables_from_state(raw)
@@ -394,23 +458,39 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     _check_finetune_options(args)
     images = labels = None
     if zero_shot is None:
-        images, labels, preprocessing = load_calibration(args.calib, image_size=args.image_size,
-                                                         normalization=args.normalize, channels=args.channels,
-                                                         limit=args.num_calib)
+        images, labels, preprocessing = load_calibration(
+            args.calib,
+            image_size=args.image_size,
+            normalization=args.normalize,
+            channels=args.channels,
+            limit=args.num_calib,
+        )
         images = images[: args.num_calib]
         labels = None if labels is None or not args.use_labels else labels[: args.num_calib]
     else:
-        preprocessing = (f"zero-shot: {zero_shot.num_images} images {zero_shot.image_shape} synthesized in "
-                         f"{zero_shot.steps} steps, pixels in {zero_shot.pixel_range} ({args.normalize})")
+        preprocessing = (
+            f"zero-shot: {zero_shot.num_images} images {zero_shot.image_shape} synthesized in "
+            f"{zero_shot.steps} steps, pixels in {zero_shot.pixel_range} ({args.normalize})"
+        )
     model, variables = load_model(args)
     with _Staging(Path(args.out), overwrite=args.overwrite) as folder:
-        result = lampq_jax.quantize(model, variables, images, budget=args.budget, labels=labels,
-                                    objective=args.objective, config=config, rules=rules, zero_shot=zero_shot,
-                                    **apply_kwargs)
+        result = lampq_jax.quantize(
+            model,
+            variables,
+            images,
+            budget=args.budget,
+            labels=labels,
+            objective=args.objective,
+            config=config,
+            rules=rules,
+            zero_shot=zero_shot,
+            **apply_kwargs,
+        )
         result.report["preprocessing"] = preprocessing
         if args.finetune_steps:
-            result = _finetune(args, result, variables, images if zero_shot is None else result.synthetic_images,
-                               apply_kwargs)
+            result = _finetune(
+                args, result, variables, images if zero_shot is None else result.synthetic_images, apply_kwargs
+            )
         _write_outputs(folder, result, ())
     print(f"calibration: {preprocessing}")
     for line in coverage_lines(result.report["coverage"]):
@@ -426,8 +506,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _check_finetune_options(args: argparse.Namespace) -> None:
     """Fails before any work when a --finetune-* option is out of range."""
     if args.finetune_steps < 0 or args.finetune_batch < 1 or not args.finetune_lr > 0:
-        raise ValueError(f"--finetune-steps must be >= 0, --finetune-batch >= 1 and --finetune-lr > 0; got "
-                         f"{args.finetune_steps}, {args.finetune_batch} and {args.finetune_lr}")
+        raise ValueError(
+            f"--finetune-steps must be >= 0, --finetune-batch >= 1 and --finetune-lr > 0; got "
+            f"{args.finetune_steps}, {args.finetune_batch} and {args.finetune_lr}"
+        )
 
 
 def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs: dict, validation=None):
@@ -435,12 +517,24 @@ def _finetune(args: argparse.Namespace, result, variables, images, apply_kwargs:
     (keeping the best step on `validation` images when given)."""
     from lampq_jax.qat import finetune
 
-    tuned = finetune(result, variables, images, steps=args.finetune_steps, batch_size=args.finetune_batch,
-                     learning_rate=args.finetune_lr, output=getattr(args, "output", None), validation=validation,
-                     seed=args.seed, progress=not args.no_progress, **apply_kwargs)
+    tuned = finetune(
+        result,
+        variables,
+        images,
+        steps=args.finetune_steps,
+        batch_size=args.finetune_batch,
+        learning_rate=args.finetune_lr,
+        output=getattr(args, "output", None),
+        validation=validation,
+        seed=args.seed,
+        progress=not args.no_progress,
+        **apply_kwargs,
+    )
     qat = tuned.report["qat"]
-    print(f"QAT: {qat['steps']} steps of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, "
-          f"loss {qat['loss_first']:.4g} -> {qat['loss_last']:.4g} in {qat['seconds']:.1f} s")
+    print(
+        f"QAT: {qat['steps']} steps of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, "
+        f"loss {qat['loss_first']:.4g} -> {qat['loss_last']:.4g} in {qat['seconds']:.1f} s"
+    )
     return tuned
 
 
@@ -454,15 +548,22 @@ def _zero_shot_config(args: argparse.Namespace):
     if args.zero_shot is None:
         return None
     if args.zero_shot < 1 or args.zero_shot_steps < 1:
-        raise ValueError(f"--zero-shot and --zero-shot-steps must be >= 1, got {args.zero_shot} "
-                         f"and {args.zero_shot_steps}")
+        raise ValueError(
+            f"--zero-shot and --zero-shot-steps must be >= 1, got {args.zero_shot} and {args.zero_shot_steps}"
+        )
     if args.image_size is None or args.normalize is None:
-        raise ValueError("--zero-shot needs --image-size (the model's input size) and --normalize "
-                         "(the model's input normalization, which bounds the synthesized pixels)")
-    return ZeroShotConfig(image_shape=(args.image_size, args.image_size, args.channels or 3),
-                          num_images=args.zero_shot, steps=args.zero_shot_steps,
-                          pixel_range=get_normalization(args.normalize).pixel_range(), seed=args.seed,
-                          progress=not args.no_progress)
+        raise ValueError(
+            "--zero-shot needs --image-size (the model's input size) and --normalize "
+            "(the model's input normalization, which bounds the synthesized pixels)"
+        )
+    return ZeroShotConfig(
+        image_shape=(args.image_size, args.image_size, args.channels or 3),
+        num_images=args.zero_shot,
+        steps=args.zero_shot_steps,
+        pixel_range=get_normalization(args.normalize).pixel_range(),
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
@@ -475,8 +576,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     _model_config_without_fn(args)
     model = None
     if args.model_fn:
-        model = user_model(args.model_fn, json.loads(Path(args.model_config).read_text()) if args.model_config
-                           else None)
+        model = user_model(
+            args.model_fn, json.loads(Path(args.model_config).read_text()) if args.model_config else None
+        )
     result = lampq_jax.load_result(args.result, model)
     print(f"accuracy of {args.result} on {len(images)} images: {accuracy(result.apply, images, labels):.2f} %")
     return 0
@@ -498,28 +600,43 @@ def _add_method_options(p: argparse.ArgumentParser) -> None:
     for flag, (field, value) in CONFIG_SWITCHES.items():
         p.add_argument(flag, action="store_true", help=f"LampQConfig.{field}={value}")
     p.add_argument("--num-calib", type=int, default=32)
-    p.add_argument("--finetune-steps", type=int, default=0,
-                   help="quantization-aware fine-tuning after allocation: Adam steps of distillation to the FP "
-                        "model on the calibration images (default 0: none)")
+    p.add_argument(
+        "--finetune-steps",
+        type=int,
+        default=0,
+        help="quantization-aware fine-tuning after allocation: Adam steps of distillation to the FP "
+        "model on the calibration images (default 0: none)",
+    )
     p.add_argument("--finetune-lr", type=float, default=1e-4, help="Adam learning rate of the fine-tuning")
     p.add_argument("--finetune-batch", type=int, default=32, help="images per fine-tuning step")
 
 
 def _add_model_fn_options(p: argparse.ArgumentParser, *, config_help: str) -> None:
-    p.add_argument("--model-fn", metavar="MODULE:FUNCTION",
-                   help="your own flax.linen model: 'package.module:function' or 'file.py:function' returning it "
-                        "(called with the --model-config JSON as keyword arguments, if given)")
+    p.add_argument(
+        "--model-fn",
+        metavar="MODULE:FUNCTION",
+        help="your own flax.linen model: 'package.module:function' or 'file.py:function' returning it "
+        "(called with the --model-config JSON as keyword arguments, if given)",
+    )
     p.add_argument("--model-config", help=config_help)
 
 
 def _add_discovery_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--type-rule", action="append", metavar="REGEX=TYPE",
-                   help="layer type rule, tried before the built-in ones (repeatable), e.g. "
-                        "'layer_[0-9]+/(query|key|value)$=qkv'; types: qkv, proj, fc1, fc2, embed, head, other")
-    p.add_argument("--apply-kwargs", default='{"train": false}',
-                   help="JSON keyword arguments of model.apply (default {\"train\": false}; '{}' for none)")
-    p.add_argument("--channels", type=int, choices=[1, 3],
-                   help="input channels of the model (3: RGB, the default; 1: grayscale)")
+    p.add_argument(
+        "--type-rule",
+        action="append",
+        metavar="REGEX=TYPE",
+        help="layer type rule, tried before the built-in ones (repeatable), e.g. "
+        "'layer_[0-9]+/(query|key|value)$=qkv'; types: qkv, proj, fc1, fc2, embed, head, other",
+    )
+    p.add_argument(
+        "--apply-kwargs",
+        default='{"train": false}',
+        help="JSON keyword arguments of model.apply (default {\"train\": false}; '{}' for none)",
+    )
+    p.add_argument(
+        "--channels", type=int, choices=[1, 3], help="input channels of the model (3: RGB, the default; 1: grayscale)"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,31 +651,52 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_cmd_demo)
 
     quant = sub.add_parser("quantize", help="quantize a Scenic-layout / timm / Hugging Face checkpoint")
-    quant.add_argument("--checkpoint", required=True,
-                       help="flax msgpack of variables or of a train state, a training workdir (its latest "
-                            "checkpoint_<step>), an AugReg .npz (Scenic layout), or a torch file")
+    quant.add_argument(
+        "--checkpoint",
+        required=True,
+        help="flax msgpack of variables or of a train state, a training workdir (its latest "
+        "checkpoint_<step>), an AugReg .npz (Scenic layout), or a torch file",
+    )
     quant.add_argument("--format", default="scenic", choices=["scenic", "timm", "huggingface"])
-    _add_model_fn_options(quant, config_help="JSON: {'variant', 'num_classes', 'overrides'} or ViT fields; with "
-                                             "--model-fn: the keyword arguments of that function")
+    _add_model_fn_options(
+        quant,
+        config_help="JSON: {'variant', 'num_classes', 'overrides'} or ViT fields; with "
+        "--model-fn: the keyword arguments of that function",
+    )
     quant.add_argument("--num-heads", type=int, help="attention heads (timm)")
     quant.add_argument("--hf-config", help="config.json of a Hugging Face model")
-    quant.add_argument("--zero-shot", type=int, metavar="N",
-                       help="data-free: synthesize N calibration images from the model instead of --calib "
-                            "(needs --image-size and --normalize)")
+    quant.add_argument(
+        "--zero-shot",
+        type=int,
+        metavar="N",
+        help="data-free: synthesize N calibration images from the model instead of --calib "
+        "(needs --image-size and --normalize)",
+    )
     quant.add_argument("--zero-shot-steps", type=int, default=200, help="Adam steps of the synthesis (default 200)")
-    quant.add_argument("--calib",
-                       help=".npz with 'images' (and 'labels'), a folder of .npy arrays (used as they are), or a "
-                            "folder of JPEG/PNG photos of any size (needs --image-size and --normalize)")
+    quant.add_argument(
+        "--calib",
+        help=".npz with 'images' (and 'labels'), a folder of .npy arrays (used as they are), or a "
+        "folder of JPEG/PNG photos of any size (needs --image-size and --normalize)",
+    )
     quant.add_argument("--image-size", type=int, help="JPEG/PNG: resize the shorter side to this and center-crop")
-    quant.add_argument("--normalize", choices=["imagenet", "minus1_1", "unit"],
-                       help="JPEG/PNG: imagenet = ImageNet mean/std (timm, Hugging Face, DINOv2); "
-                            "minus1_1 = [-1, 1] (big_vision, Scenic); unit = [0, 1]")
-    quant.add_argument("--output", default="logits", choices=["logits", "features"],
-                       help="what the model returns: logits (true Fisher: categorical; default objective kl) or "
-                            "features, e.g. a DINOv2 backbone (Gaussian; default objective cosine)")
-    quant.add_argument("--objective", choices=["kl", "cross_entropy", "cosine"],
-                       help="calibration objective J (default: cosine for features, else cross_entropy with "
-                            "--use-labels, else kl)")
+    quant.add_argument(
+        "--normalize",
+        choices=["imagenet", "minus1_1", "unit"],
+        help="JPEG/PNG: imagenet = ImageNet mean/std (timm, Hugging Face, DINOv2); "
+        "minus1_1 = [-1, 1] (big_vision, Scenic); unit = [0, 1]",
+    )
+    quant.add_argument(
+        "--output",
+        default="logits",
+        choices=["logits", "features"],
+        help="what the model returns: logits (true Fisher: categorical; default objective kl) or "
+        "features, e.g. a DINOv2 backbone (Gaussian; default objective cosine)",
+    )
+    quant.add_argument(
+        "--objective",
+        choices=["kl", "cross_entropy", "cosine"],
+        help="calibration objective J (default: cosine for features, else cross_entropy with --use-labels, else kl)",
+    )
     _add_discovery_options(quant)
     quant.add_argument("--use-labels", action="store_true", help="empirical Fisher and cross-entropy objective")
     quant.add_argument("--out", required=True)
@@ -572,8 +710,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_fn_options(ev, config_help="with --model-fn: the keyword arguments of that function")
     ev.set_defaults(func=_cmd_evaluate)
 
-    layers = sub.add_parser("layers", help="list the quantizable layers of a ViT variant or of your own model, "
-                                           "their types and the attention sites")
+    layers = sub.add_parser(
+        "layers",
+        help="list the quantizable layers of a ViT variant or of your own model, their types and the attention sites",
+    )
     layers.add_argument("--variant", default="S/16", help="ViT variant, e.g. Ti/16, S/16, B/16 (default S/16)")
     layers.add_argument("--num-classes", type=int, default=1000)
     layers.add_argument("--image-size", type=int, default=224)

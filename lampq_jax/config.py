@@ -42,6 +42,7 @@ def check_types(types: tuple[str, ...], name: str) -> tuple[str, ...]:
         raise ValueError(f"{name} must be a tuple of layer types from {LAYER_TYPES}, got {types!r}")
     return tuple(types)
 
+
 # {LampQConfig field: its allowed values}, for the checks and for the CLI's choices.
 FIELD_CHOICES = {
     "budget_kind": BUDGET_KINDS,
@@ -52,6 +53,7 @@ FIELD_CHOICES = {
     "output": ("logits", "features"),
     "metric": ("fisher", "vtptq", "random"),
 }
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LampQConfig:
@@ -152,8 +154,9 @@ class LampQConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.metric != "fisher" and self.iterations:
-            raise ValueError(f"metric={self.metric!r} has no iterative updates; set iterations=0 "
-                             f"(got {self.iterations})")
+            raise ValueError(
+                f"metric={self.metric!r} has no iterative updates; set iterations=0 (got {self.iterations})"
+            )
         if self.probe_bits is not None and self.probe_bits not in self.candidates:
             raise ValueError(f"probe_bits={self.probe_bits} is not one of the candidates {self.candidates}")
         if self.iterations < 0:

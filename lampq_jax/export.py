@@ -69,6 +69,7 @@ class ExportableResult(Protocol):
     quantized: QuantizedModel
     method: str
 
+
 EXPORT_FORMAT = "lampq_jax.export/1"
 
 # ulps around the least-squares step that are tried for an exact reproduction
@@ -127,7 +128,9 @@ def _ulp_candidates(scale: np.ndarray) -> list[np.ndarray]:
     return out
 
 
-def grid_codes(w: jax.typing.ArrayLike, bits: int, *, name: str = "kernel") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def grid_codes(
+    w: jax.typing.ArrayLike, bits: int, *, name: str = "kernel"
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Integer codes, scale and zero point of a [K, N] matrix whose columns lie on b-bit uniform grids.
 
     Solves each column for its grid (module docstring) so that, in float32 and then `w`'s dtype,
@@ -203,7 +206,8 @@ def grid_codes(w: jax.typing.ArrayLike, bits: int, *, name: str = "kernel") -> t
         bad = np.flatnonzero(~solved)
         raise ValueError(
             f"{name}: {bad.size} of {n_cols} output channel(s) (e.g. {bad[:5].tolist()}) do not lie on a "
-            f"{bits}-bit uniform grid (q − z)·s; export needs the fake-quantized kernels of a result, unchanged")
+            f"{bits}-bit uniform grid (q − z)·s; export needs the fake-quantized kernels of a result, unchanged"
+        )
     zero_point = np.maximum(0, -ints.min(axis=0))
     codes = ints + zero_point
     if codes.size and (codes.min() < 0 or codes.max() > levels):  # excluded by the search; kept as a guard
@@ -211,7 +215,9 @@ def grid_codes(w: jax.typing.ArrayLike, bits: int, *, name: str = "kernel") -> t
     return codes.astype(np.int32), scale, zero_point.astype(np.float32)
 
 
-def export_layer(kernel: jax.typing.ArrayLike, bits: int, out_axes: Sequence[int], *, name: str = "kernel") -> QuantizedTensor:
+def export_layer(
+    kernel: jax.typing.ArrayLike, bits: int, out_axes: Sequence[int], *, name: str = "kernel"
+) -> QuantizedTensor:
     """One fake-quantized kernel as a `QuantizedTensor` in the container of `bits` (module docstring).
 
     The tensor's `shape` is the kernel's shape with the output axes moved last (the identity for
@@ -279,8 +285,10 @@ def export_nbytes(tensors: Mapping[str, QuantizedTensor], variables: Any) -> int
         if key not in sizes:
             raise ValueError(f"exported layer {path!r} has no kernel in the variables (looked for 'params/{key}')")
         if sizes[key] != math.prod(tensor.shape):
-            raise ValueError(f"exported layer {path!r} has {math.prod(tensor.shape)} weights but the kernel "
-                             f"'params/{key}' has {sizes[key]}")
+            raise ValueError(
+                f"exported layer {path!r} has {math.prod(tensor.shape)} weights but the kernel "
+                f"'params/{key}' has {sizes[key]}"
+            )
         total += tensor.nbytes
         sizes.pop(key)
     return total + 4 * sum(sizes.values())
@@ -295,7 +303,9 @@ class LoadedExport(NamedTuple):
 
 def _sidecar(path: Path) -> Path:
     if path.suffix != ".npz":
-        raise ValueError(f"export path must end in '.npz' (the sidecar is the same name with '.json'), got {str(path)!r}")
+        raise ValueError(
+            f"export path must end in '.npz' (the sidecar is the same name with '.json'), got {str(path)!r}"
+        )
     return path.with_suffix(".json")
 
 
@@ -372,8 +382,10 @@ def load_export(path: str | os.PathLike) -> LoadedExport:
     for name, tensor in tensors.items():
         entry = meta["layers"][name]
         if entry["container_bits"] != tensor.bits or container_bits(entry["weight_bits"]) != tensor.bits:
-            raise ValueError(f"layer {name!r}: sidecar says {entry['weight_bits']}-bit weights in a "
-                             f"{entry['container_bits']}-bit container, the tensor has bits={tensor.bits}")
+            raise ValueError(
+                f"layer {name!r}: sidecar says {entry['weight_bits']}-bit weights in a "
+                f"{entry['container_bits']}-bit container, the tensor has bits={tensor.bits}"
+            )
     return LoadedExport(tensors, meta)
 
 

@@ -97,8 +97,17 @@ def checked_rules(rules: Sequence[TypeRule]) -> tuple[tuple[str, str], ...]:
     return tuple((str(pattern), str(t)) for pattern, t in rules)
 
 
-def calibration_set(model, variables, calib_images, zero_shot: Optional[ZeroShotConfig], *, output: str,
-                    labels: Optional[Any], timer: _Timer, apply_kwargs) -> tuple[Any, Optional[np.ndarray], dict]:
+def calibration_set(
+    model,
+    variables,
+    calib_images,
+    zero_shot: Optional[ZeroShotConfig],
+    *,
+    output: str,
+    labels: Optional[Any],
+    timer: _Timer,
+    apply_kwargs,
+) -> tuple[Any, Optional[np.ndarray], dict]:
     """(calibration images, the synthesized ones or None, report entry): the user's, or METHOD.md §7's.
 
     Raises:
@@ -136,9 +145,24 @@ class _Prepared:
     hessians: Optional[dict[str, np.ndarray]]  # {path: XᵀX / n} of the GPTQ-rounded layers (weight_method='gptq')
 
 
-def _prepare(model, variables, calib_images, *, rules, calibration, channel_types, center_keys, qk_calibration,
-             equalize_qk, weight_method, batch_size, timer, mesh, apply_kwargs,
-             minmax_types=MINMAX_TYPES_DEFAULT) -> _Prepared:
+def _prepare(
+    model,
+    variables,
+    calib_images,
+    *,
+    rules,
+    calibration,
+    channel_types,
+    center_keys,
+    qk_calibration,
+    equalize_qk,
+    weight_method,
+    batch_size,
+    timer,
+    mesh,
+    apply_kwargs,
+    minmax_types=MINMAX_TYPES_DEFAULT,
+) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
         layers = find_layers(model, variables, images[:1], rules=rules, **apply_kwargs)
@@ -146,27 +170,42 @@ def _prepare(model, variables, calib_images, *, rules, calibration, channel_type
     with timer("calibration"):
         uncentered = list(attention)
         if center_keys:
-            variables, uncentered = center_key_means(model, variables, images, attention,
-                                                     batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs)
+            variables, uncentered = center_key_means(
+                model, variables, images, attention, batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs
+            )
         if equalize_qk:
-            variables = equalize_query_key(model, variables, images, attention, batch_size=max(batch_size, 32),
-                                           mesh=mesh, **apply_kwargs)
+            variables = equalize_query_key(
+                model, variables, images, attention, batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs
+            )
         minmax_sites = attention_minmax_sites(attention) if qk_calibration == "minmax" else frozenset()
         minmax_sites |= layer_input_sites(layers, minmax_types)
-        act_params = calibrate_activations(model, variables, images, method=calibration, batch_size=max(batch_size, 32),
-                                           channel_sites=channel_input_sites(layers, channel_types),
-                                           minmax_sites=minmax_sites, mesh=mesh, **apply_kwargs)
+        act_params = calibrate_activations(
+            model,
+            variables,
+            images,
+            method=calibration,
+            batch_size=max(batch_size, 32),
+            channel_sites=channel_input_sites(layers, channel_types),
+            minmax_sites=minmax_sites,
+            mesh=mesh,
+            **apply_kwargs,
+        )
         hessians = None
         if weight_method == "gptq":
             hessians = input_hessians(model, variables, images, layers, batch_size=max(batch_size, 32), **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         replicated = replicate(variables, mesh)
         fp_outputs = jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
-    base = {"channel_types": list(channel_types), "minmax_types": list(minmax_types),
-            "qk_calibration": qk_calibration, "equalize_qk": equalize_qk,
-            "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
-            "keys_not_centered_no_bias": uncentered if center_keys else [], "weight_method": weight_method,
-            "gptq_layers": len(hessians or {})}
+    base = {
+        "channel_types": list(channel_types),
+        "minmax_types": list(minmax_types),
+        "qk_calibration": qk_calibration,
+        "equalize_qk": equalize_qk,
+        "keys_centered": len(attention) - len(uncentered) if center_keys else 0,
+        "keys_not_centered_no_bias": uncentered if center_keys else [],
+        "weight_method": weight_method,
+        "gptq_layers": len(hessians or {}),
+    }
     return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules, base, hessians)
 
 
@@ -230,35 +269,82 @@ def quantize_uniform(
     check_types(minmax_types, "minmax_types")
     check_qk_calibration(qk_calibration)
     check_weight_method(weight_method)
-    calib_images, synthetic, zs_entry = calibration_set(model, variables, calib_images, zero_shot, output="logits",
-                                                        labels=None, timer=timer, apply_kwargs=apply_kwargs)
-    prep = _prepare(model, variables, calib_images, rules=rules, calibration=calibration, channel_types=channel_types,
-                    center_keys=center_keys, qk_calibration=qk_calibration, equalize_qk=equalize_qk,
-                    weight_method=weight_method, batch_size=batch_size, timer=timer, mesh=mesh,
-                    apply_kwargs=apply_kwargs, minmax_types=minmax_types)
+    calib_images, synthetic, zs_entry = calibration_set(
+        model, variables, calib_images, zero_shot, output="logits", labels=None, timer=timer, apply_kwargs=apply_kwargs
+    )
+    prep = _prepare(
+        model,
+        variables,
+        calib_images,
+        rules=rules,
+        calibration=calibration,
+        channel_types=channel_types,
+        center_keys=center_keys,
+        qk_calibration=qk_calibration,
+        equalize_qk=equalize_qk,
+        weight_method=weight_method,
+        batch_size=batch_size,
+        timer=timer,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        minmax_types=minmax_types,
+    )
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
-    return _finish(model, variables, prep, layer_bits, {p: attn_bits for p in prep.attention}, fixed_types, "uniform",
-                   {"bits": bits, **zs_entry}, timer, apply_kwargs, synthetic)
+    return _finish(
+        model,
+        variables,
+        prep,
+        layer_bits,
+        {p: attn_bits for p in prep.attention},
+        fixed_types,
+        "uniform",
+        {"bits": bits, **zs_entry},
+        timer,
+        apply_kwargs,
+        synthetic,
+    )
 
 
-def _finish(model, variables, prep, layer_bits, attention_bits, fixed_types, method, extra, timer, apply_kwargs,
-            synthetic_images=None):
+def _finish(
+    model,
+    variables,
+    prep,
+    layer_bits,
+    attention_bits,
+    fixed_types,
+    method,
+    extra,
+    timer,
+    apply_kwargs,
+    synthetic_images=None,
+):
     spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
     with timer("quantize_weights"):
-        quantized = QuantizedModel.create(model, variables, prep.layers, spec, prep.act_params, apply_kwargs,
-                                          hessians=prep.hessians)
+        quantized = QuantizedModel.create(
+            model, variables, prep.layers, spec, prep.act_params, apply_kwargs, hessians=prep.hessians
+        )
     allocated = [l.path for l in prep.layers if l.type not in fixed_types] or None
     report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
     report["attention_bits"] = dict(attention_bits)
     report["coverage"] = quantization_coverage(prep.layers, prep.attention, prep.rules)
     report["base_quantizers"] = prep.base_quantizers
-    return QuantizationResult(quantized=quantized, method=method, report=report, timings=dict(timer.seconds),
-                              rules=prep.rules, synthetic_images=synthetic_images)
+    return QuantizationResult(
+        quantized=quantized,
+        method=method,
+        report=report,
+        timings=dict(timer.seconds),
+        rules=prep.rules,
+        synthetic_images=synthetic_images,
+    )
 
 
-def size_report(layers: Sequence[Layer], bits: Mapping[str, tuple[int, int]], variables: Any,
-                allocated: Optional[Sequence[str]] = None) -> dict[str, float]:
+def size_report(
+    layers: Sequence[Layer],
+    bits: Mapping[str, tuple[int, int]],
+    variables: Any,
+    allocated: Optional[Sequence[str]] = None,
+) -> dict[str, float]:
     """Average weight / activation bits (all quantized layers, and the allocated ones), model bytes, BOPs.
 
     model bytes = Σ_i (|W_i| b_w / 8 + 8 · out channels) for quantized kernels + 4 bytes per other parameter.
@@ -269,7 +355,9 @@ def size_report(layers: Sequence[Layer], bits: Mapping[str, tuple[int, int]], va
     total_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(dict(variables)["params"]))
     kernel_params = sum(l.num_weights for l in quantized)
     code_bytes = sum(l.num_weights * bits[l.path][0] / 8 for l in quantized)
-    scale_bytes = sum(SCALE_BYTES_PER_CHANNEL * int(np.prod([l.weight_shape[a] for a in l.out_axes])) for l in quantized)
+    scale_bytes = sum(
+        SCALE_BYTES_PER_CHANNEL * int(np.prod([l.weight_shape[a] for a in l.out_axes])) for l in quantized
+    )
     model_bytes = code_bytes + scale_bytes + 4 * (total_params - kernel_params)
 
     def avg(items, index, weight):
@@ -326,10 +414,12 @@ def _items(layers: Sequence[Layer], allocated: Sequence[int], config: LampQConfi
 
 def _item_cost(items: _Items, layer_cost_w: np.ndarray, layer_cost_a: np.ndarray) -> np.ndarray:
     """[items, options] Σ_{i∈item} (Ω^W_i(b_w) + Ω^A_i(b_a))."""
-    return np.stack([
-        layer_cost_w[list(mem)][:, items.w_index].sum(0) + layer_cost_a[list(mem)][:, items.a_index].sum(0)
-        for mem in items.members
-    ])
+    return np.stack(
+        [
+            layer_cost_w[list(mem)][:, items.w_index].sum(0) + layer_cost_a[list(mem)][:, items.a_index].sum(0)
+            for mem in items.members
+        ]
+    )
 
 
 def _budget(config: LampQConfig, budget: float, macs: np.ndarray) -> Budget:
@@ -356,14 +446,19 @@ def _allowed(items: _Items, layers: Sequence[Layer], config: LampQConfig) -> np.
             if path in fixed:
                 allowed[k] &= (items.weight_bits == fixed[path]) & (items.act_bits == fixed[path])
         if not allowed[k].any():
-            raise ValueError(f"item {items.keys[k]!r} has no allowed bit-width under min_bits={config.min_bits}, "
-                             f"max_bits={config.max_bits}, fixed_layers={config.fixed_layers}")
+            raise ValueError(
+                f"item {items.keys[k]!r} has no allowed bit-width under min_bits={config.min_bits}, "
+                f"max_bits={config.max_bits}, fixed_layers={config.fixed_layers}"
+            )
     return allowed
 
 
 def _assignment(items: _Items, layers: Sequence[Layer], choice: np.ndarray) -> dict[str, tuple[int, int]]:
-    return {layers[i].path: (int(items.weight_bits[c]), int(items.act_bits[c]))
-            for mem, c in zip(items.members, choice) for i in mem}
+    return {
+        layers[i].path: (int(items.weight_bits[c]), int(items.act_bits[c]))
+        for mem, c in zip(items.members, choice)
+        for i in mem
+    }
 
 
 def _omega_rows(layers, omega_w, omega_a, cands) -> dict[str, list[float]]:
@@ -428,8 +523,10 @@ def _checked_labels(labels: Any, num_images: int, fp_outputs: jax.Array, output:
         classes = fp_outputs.shape[-1]
         outside = labels[(labels < 0) | (labels >= classes)]
         if outside.size:
-            raise ValueError(f"labels must be class indices in [0, {classes}) of the model's {classes} logits; "
-                             f"{outside.size} of {num_images} are outside, e.g. {sorted(set(outside.tolist()))[:5]}")
+            raise ValueError(
+                f"labels must be class indices in [0, {classes}) of the model's {classes} logits; "
+                f"{outside.size} of {num_images} are outside, e.g. {sorted(set(outside.tolist()))[:5]}"
+            )
     return labels
 
 
@@ -473,14 +570,33 @@ def quantize(
     timer = _Timer()
     if not np.isfinite(budget) or budget <= 0:
         raise ValueError(f"budget must be a positive number, got {budget}")
-    calib_images, synthetic, zs_entry = calibration_set(model, variables, calib_images, zero_shot,
-                                                        output=config.output, labels=labels, timer=timer,
-                                                        apply_kwargs=apply_kwargs)
-    prep = _prepare(model, variables, calib_images, rules=rules, calibration=config.calibration,
-                    channel_types=config.channel_types, center_keys=config.center_keys,
-                    qk_calibration=config.qk_calibration, equalize_qk=config.equalize_qk,
-                    weight_method=config.weight_method, batch_size=config.batch_size, timer=timer, mesh=mesh,
-                    apply_kwargs=apply_kwargs, minmax_types=config.minmax_types)
+    calib_images, synthetic, zs_entry = calibration_set(
+        model,
+        variables,
+        calib_images,
+        zero_shot,
+        output=config.output,
+        labels=labels,
+        timer=timer,
+        apply_kwargs=apply_kwargs,
+    )
+    prep = _prepare(
+        model,
+        variables,
+        calib_images,
+        rules=rules,
+        calibration=config.calibration,
+        channel_types=config.channel_types,
+        center_keys=config.center_keys,
+        qk_calibration=config.qk_calibration,
+        equalize_qk=config.equalize_qk,
+        weight_method=config.weight_method,
+        batch_size=config.batch_size,
+        timer=timer,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        minmax_types=config.minmax_types,
+    )
     variables = prep.variables
     layers, images = prep.layers, prep.images
     if labels is not None:
@@ -502,8 +618,9 @@ def quantize(
     rng = jax.random.key(config.seed)
     cands = list(config.candidates)
     alloc_layers = [layers[i] for i in allocated]
-    dq = DynamicQuantizer(model, replicate(variables, mesh), layers, prep.attention, prep.act_params, apply_kwargs,
-                          hessians=prep.hessians)
+    dq = DynamicQuantizer(
+        model, replicate(variables, mesh), layers, prep.attention, prep.act_params, apply_kwargs, hessians=prep.hessians
+    )
     label_array = None if labels is None else jnp.asarray(labels)
 
     def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
@@ -520,8 +637,9 @@ def quantize(
             else:
                 w_term = random_costs(len(alloc_layers), cands, config.seed)
             a_term = np.zeros_like(w_term)
-        fisher = FisherTraces({l.path: float("nan") for l in alloc_layers},
-                              {l.path: float("nan") for l in alloc_layers}, len(images))
+        fisher = FisherTraces(
+            {l.path: float("nan") for l in alloc_layers}, {l.path: float("nan") for l in alloc_layers}, len(images)
+        )
         alpha = {t: 1.0 for t in {l.type for l in alloc_layers}}
         layer_alpha = np.ones(len(alloc_layers))
         measured, spearman_figures, unit_keys, w_err = {}, {}, [], None
@@ -529,20 +647,32 @@ def quantize(
     else:
         with timer("fisher"):
             bar.set_postfix_str("Fisher traces")
-            fisher = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
-                                   batch_size=config.batch_size, output=config.output, mesh=mesh, **apply_kwargs)
+            fisher = fisher_traces(
+                model,
+                variables,
+                images,
+                alloc_layers,
+                labels=fisher_labels,
+                rng=rng,
+                batch_size=config.batch_size,
+                output=config.output,
+                mesh=mesh,
+                **apply_kwargs,
+            )
         bar.update()
         bar.set_postfix_str("quantization errors")
         with timer("metric"):
             w_err = weight_errors(variables, alloc_layers, cands)
-            a_err = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands, mesh=mesh,
-                                      **apply_kwargs)
+            a_err = activation_errors(
+                model, variables, images, alloc_layers, prep.act_params, cands, mesh=mesh, **apply_kwargs
+            )
             w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
         bar.update()
         bar.set_postfix_str("single-layer probes")
         with timer("probe"):
             alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
-                alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp)
+                alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp
+            )
         bar.update()
     layer_alpha = layer_alpha[:, None]
 
@@ -552,16 +682,32 @@ def quantize(
     num_weights = np.array([sum(alloc_layers[i].num_weights for i in mem) for mem in items.members])
     num_acts = np.array([sum(alloc_layers[i].num_activations for i in mem) for mem in items.members])
     macs = np.array([sum(alloc_layers[i].macs for i in mem) for mem in items.members])
-    scale_bytes = np.array([
-        sum(SCALE_BYTES_PER_CHANNEL * int(np.prod([alloc_layers[i].weight_shape[a] for a in alloc_layers[i].out_axes]))
-            for i in mem) for mem in items.members])
+    scale_bytes = np.array(
+        [
+            sum(
+                SCALE_BYTES_PER_CHANNEL
+                * int(np.prod([alloc_layers[i].weight_shape[a] for a in alloc_layers[i].out_axes]))
+                for i in mem
+            )
+            for mem in items.members
+        ]
+    )
     budget_obj = _budget(config, budget, macs)
 
     def solve(cost_w, cost_a) -> AllocationResult:
-        return allocate_bits(_item_cost(items, cost_w, cost_a), items.weight_bits, items.act_bits,
-                             num_weights=num_weights, num_activations=num_acts, macs=macs, scale_bytes=scale_bytes,
-                             budget=budget_obj, allowed=allowed, time_limit=config.ilp_time_limit,
-                             mip_gap=config.mip_gap)
+        return allocate_bits(
+            _item_cost(items, cost_w, cost_a),
+            items.weight_bits,
+            items.act_bits,
+            num_weights=num_weights,
+            num_activations=num_acts,
+            macs=macs,
+            scale_bytes=scale_bytes,
+            budget=budget_obj,
+            allowed=allowed,
+            time_limit=config.ilp_time_limit,
+            mip_gap=config.mip_gap,
+        )
 
     omega_w, omega_a = layer_alpha * w_term, layer_alpha * a_term
     history = []
@@ -570,10 +716,18 @@ def quantize(
     assignment = _assignment(items, alloc_layers, solution.choice)
     with timer("evaluate"):
         j_value = measure({**assignment, **fixed_bits}, attention_bits) - j_fp
-    history.append({"round": 0, "bits": assignment, "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
-                    "J": j_value, "ilp_status": solution.status,
-                    "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
-                    "ilp_seconds": solution.solve_seconds})
+    history.append(
+        {
+            "round": 0,
+            "bits": assignment,
+            "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
+            "J": j_value,
+            "ilp_status": solution.status,
+            "ilp_objective": solution.objective,
+            "mip_gap": solution.mip_gap,
+            "ilp_seconds": solution.solve_seconds,
+        }
+    )
     bar.update()
     best = (j_value, assignment, 0)
     stale = 0
@@ -582,21 +736,40 @@ def quantize(
         spec = QuantSpec.build(layers, {**assignment, **fixed_bits}, attention_bits=attention_bits)
         with timer("iterations"):
             point = quant_point(variables, layers, spec, prep.act_params, hessians=prep.hessians)
-            fisher_k = fisher_traces(model, variables, images, alloc_layers, labels=fisher_labels, rng=rng,
-                                     batch_size=config.batch_size, output=config.output,
-                                     quant=point, mesh=mesh, **apply_kwargs)
-            a_err_k = activation_errors(model, variables, images, alloc_layers, prep.act_params, cands,
-                                        quant=point, mesh=mesh, **apply_kwargs)
+            fisher_k = fisher_traces(
+                model,
+                variables,
+                images,
+                alloc_layers,
+                labels=fisher_labels,
+                rng=rng,
+                batch_size=config.batch_size,
+                output=config.output,
+                quant=point,
+                mesh=mesh,
+                **apply_kwargs,
+            )
+            a_err_k = activation_errors(
+                model, variables, images, alloc_layers, prep.act_params, cands, quant=point, mesh=mesh, **apply_kwargs
+            )
             new_w, new_a = predicted_increase(fisher_k, alloc_layers, w_err, a_err_k)
             omega_w = config.damping * omega_w + (1 - config.damping) * layer_alpha * new_w
             omega_a = config.damping * omega_a + (1 - config.damping) * layer_alpha * new_a
             solution = solve(omega_w, omega_a)
             new_assignment = _assignment(items, alloc_layers, solution.choice)
             j_value = measure({**new_assignment, **fixed_bits}, attention_bits) - j_fp
-        history.append({"round": k, "bits": new_assignment, "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
-                        "J": j_value, "ilp_status": solution.status,
-                        "ilp_objective": solution.objective, "mip_gap": solution.mip_gap,
-                        "seconds": time.perf_counter() - start})
+        history.append(
+            {
+                "round": k,
+                "bits": new_assignment,
+                "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
+                "J": j_value,
+                "ilp_status": solution.status,
+                "ilp_objective": solution.objective,
+                "mip_gap": solution.mip_gap,
+                "seconds": time.perf_counter() - start,
+            }
+        )
         bar.update()
         if j_value < best[0]:
             best, stale = (j_value, new_assignment, k), 0
@@ -611,22 +784,51 @@ def quantize(
     final_bits = {**best[1], **fixed_bits}
     layer_rows = []
     for j, l in enumerate(alloc_layers):
-        layer_rows.append({
-            "path": l.path, "type": l.type, "group": item_key(l, config), "num_weights": l.num_weights,
-            "macs": l.macs, "fisher_w": fisher.weight[l.path], "fisher_a": fisher.activation[l.path],
-            "alpha": float(layer_alpha[j, 0]),
-            "omega": {str(b): float(layer_alpha[j, 0] * (w_term[j, c] + a_term[j, c])) for c, b in enumerate(cands)},
-            "bits": list(final_bits[l.path]),
-        })
+        layer_rows.append(
+            {
+                "path": l.path,
+                "type": l.type,
+                "group": item_key(l, config),
+                "num_weights": l.num_weights,
+                "macs": l.macs,
+                "fisher_w": fisher.weight[l.path],
+                "fisher_a": fisher.activation[l.path],
+                "alpha": float(layer_alpha[j, 0]),
+                "omega": {
+                    str(b): float(layer_alpha[j, 0] * (w_term[j, c] + a_term[j, c])) for c, b in enumerate(cands)
+                },
+                "bits": list(final_bits[l.path]),
+            }
+        )
     extra = {
-        "budget": budget, "budget_kind": config.budget_kind, "config": dataclasses.asdict(config),
+        "budget": budget,
+        "budget_kind": config.budget_kind,
+        "config": dataclasses.asdict(config),
         "objective": objective_name(objective, labels_given=labels is not None, output=config.output),
-        "fisher": fisher_kind, "alpha": alpha, "spearman": spearman_figures, "J_fp": j_fp, "J": best[0],
-        "best_round": best[2], "history": history, "layers": layer_rows,
-        "probes": {unit_keys[k]: v for k, v in measured.items()}, **zs_entry,
+        "fisher": fisher_kind,
+        "alpha": alpha,
+        "spearman": spearman_figures,
+        "J_fp": j_fp,
+        "J": best[0],
+        "best_round": best[2],
+        "history": history,
+        "layers": layer_rows,
+        "probes": {unit_keys[k]: v for k, v in measured.items()},
+        **zs_entry,
     }
-    return _finish(model, variables, prep, final_bits, attention_bits, config.fixed_types, "lampq", extra, timer,
-                   apply_kwargs, synthetic)
+    return _finish(
+        model,
+        variables,
+        prep,
+        final_bits,
+        attention_bits,
+        config.fixed_types,
+        "lampq",
+        extra,
+        timer,
+        apply_kwargs,
+        synthetic,
+    )
 
 
 def metric_check(
@@ -648,6 +850,16 @@ def metric_check(
     """
     rules = checked_rules(rules)
     config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher")
-    result = quantize(model, variables, calib_images, budget=float(max(config.candidates)), labels=labels,
-                      objective=objective, config=config, rules=rules, mesh=mesh, **apply_kwargs)
+    result = quantize(
+        model,
+        variables,
+        calib_images,
+        budget=float(max(config.candidates)),
+        labels=labels,
+        objective=objective,
+        config=config,
+        rules=rules,
+        mesh=mesh,
+        **apply_kwargs,
+    )
     return dict(result.report["spearman"])

@@ -88,16 +88,18 @@ def _channels_as_kernel(values: np.ndarray, shape: tuple[int, ...], out_axes: tu
     return jnp.asarray(v.reshape([shape[a] if a in out_axes else 1 for a in range(len(shape))]), jnp.float32)
 
 
-def quantize_on_grids(params: Any, grids: dict[str, UniformParams], bits: dict[str, tuple[int, int]], *,
-                      ste: bool) -> Any:
+def quantize_on_grids(
+    params: Any, grids: dict[str, UniformParams], bits: dict[str, tuple[int, int]], *, ste: bool
+) -> Any:
     """`params` with each kernel of `grids` fake-quantized on its fixed grid (straight-through when `ste`)."""
     kernels = layer_kernels({"params": params}, list(grids))
     quant = fake_quant_ste if ste else fake_quant
     return with_kernels({"params": params}, {p: quant(k, grids[p], bits[p][0]) for p, k in kernels.items()})["params"]
 
 
-def student_apply(result: QuantizationResult, grids: Optional[dict[str, UniformParams]] = None,
-                  **apply_kwargs: Any) -> Callable[[Any, jax.Array], jax.Array]:
+def student_apply(
+    result: QuantizationResult, grids: Optional[dict[str, UniformParams]] = None, **apply_kwargs: Any
+) -> Callable[[Any, jax.Array], jax.Array]:
     """`fn(params, images) -> outputs`: the result's fake-quantized model with straight-through gradients.
 
     Weights are fake-quantized on their fixed PTQ grids (`weight_grids`) inside every call, activations
@@ -117,9 +119,15 @@ def student_apply(result: QuantizationResult, grids: Optional[dict[str, UniformP
     return fn
 
 
-def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, labels_given: bool = False,
-             grids: Optional[dict[str, UniformParams]] = None, output: Optional[str] = None,
-             **apply_kwargs: Any) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
+def qat_loss(
+    result: QuantizationResult,
+    loss: Optional[Loss | str] = None,
+    *,
+    labels_given: bool = False,
+    grids: Optional[dict[str, UniformParams]] = None,
+    output: Optional[str] = None,
+    **apply_kwargs: Any,
+) -> Callable[[Any, jax.Array, jax.Array, Optional[jax.Array]], jax.Array]:
     """`fn(params, images, targets, labels) -> scalar`: `loss` of the quantized outputs against `targets`.
 
     `loss`: None (distillation to the FP outputs: 'kl' for logits, 'cosine' for features; 'cross_entropy'
@@ -135,9 +143,16 @@ def qat_loss(result: QuantizationResult, loss: Optional[Loss | str] = None, *, l
     return fn
 
 
-def qat_step(result: QuantizationResult, optimizer: optax.GradientTransformation, loss: Optional[Loss | str] = None,
-             *, labels_given: bool = False, grids: Optional[dict[str, UniformParams]] = None,
-             output: Optional[str] = None, **apply_kwargs: Any):
+def qat_step(
+    result: QuantizationResult,
+    optimizer: optax.GradientTransformation,
+    loss: Optional[Loss | str] = None,
+    *,
+    labels_given: bool = False,
+    grids: Optional[dict[str, UniformParams]] = None,
+    output: Optional[str] = None,
+    **apply_kwargs: Any,
+):
     """A pure step `(state, images, targets, labels=None) -> (state, loss)`; jit it (or not) where you call it.
 
     images [B, ...], targets the FP model's outputs on them [B, ...] (or anything `loss` compares with),
@@ -154,8 +169,13 @@ def qat_step(result: QuantizationResult, optimizer: optax.GradientTransformation
     return step
 
 
-def qat_result(result: QuantizationResult, state: QATState, *, record: Optional[dict] = None,
-               grids: Optional[dict[str, UniformParams]] = None) -> QuantizationResult:
+def qat_result(
+    result: QuantizationResult,
+    state: QATState,
+    *,
+    record: Optional[dict] = None,
+    grids: Optional[dict[str, UniformParams]] = None,
+) -> QuantizationResult:
     """A `QuantizationResult` with the trained weights fake-quantized on their grids (same bits, same ranges).
 
     It saves, exports and evaluates like any other; `report['qat']` holds `record` (steps, optimizer, …).
@@ -163,17 +183,31 @@ def qat_result(result: QuantizationResult, state: QATState, *, record: Optional[
     q = result.quantized
     grids = weight_grids(result) if grids is None else grids
     params = quantize_on_grids(state.params, grids, q.bits, ste=False)
-    quantized = QuantizedModel(q.model, q.layers, q.spec, {**dict(q.variables), "params": params}, q.act_params,
-                               dict(q.apply_kwargs))
+    quantized = QuantizedModel(
+        q.model, q.layers, q.spec, {**dict(q.variables), "params": params}, q.act_params, dict(q.apply_kwargs)
+    )
     report = {**result.report, "qat": {"steps": int(state.step), **(record or {})}}
     return dataclasses.replace(result, quantized=quantized, method=f"{result.method}+qat", report=report)
 
 
-def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, steps: int, batch_size: int = 32,
-             optimizer: Optional[optax.GradientTransformation] = None, learning_rate: float = 1e-4,
-             labels: Optional[Any] = None, loss: Optional[Loss | str] = None, output: Optional[str] = None,
-             validation: Optional[Any] = None, eval_every: int = 50, seed: int = 0, progress: bool = True,
-             **apply_kwargs: Any) -> QuantizationResult:
+def finetune(
+    result: QuantizationResult,
+    fp_variables: Any,
+    images: Any,
+    *,
+    steps: int,
+    batch_size: int = 32,
+    optimizer: Optional[optax.GradientTransformation] = None,
+    learning_rate: float = 1e-4,
+    labels: Optional[Any] = None,
+    loss: Optional[Loss | str] = None,
+    output: Optional[str] = None,
+    validation: Optional[Any] = None,
+    eval_every: int = 50,
+    seed: int = 0,
+    progress: bool = True,
+    **apply_kwargs: Any,
+) -> QuantizationResult:
     """QAT by distillation to the FP model (`fp_variables`) on `images` [N, ...]: the loop around `qat_step`.
 
     Each step draws a minibatch of `batch_size` images (without replacement within an epoch, seeded).
@@ -204,8 +238,9 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
     teacher = jax.jit(lambda x: q.model.apply(fp_variables, x, **kwargs))
     targets = _batched(teacher, images)
     grids = weight_grids(result)
-    step = jax.jit(qat_step(result, optimizer, loss, labels_given=labels is not None, grids=grids, output=output,
-                            **apply_kwargs))
+    step = jax.jit(
+        qat_step(result, optimizer, loss, labels_given=labels is not None, grids=grids, output=output, **apply_kwargs)
+    )
     state = qat_init(result, optimizer)
     if validation is not None:
         forward = jax.jit(student_apply(result, grids, **apply_kwargs))
@@ -232,12 +267,20 @@ def finetune(result: QuantizationResult, fp_variables: Any, images: Any, *, step
             val_history.append((k + 1, validate(state.params)))
             if val_history[-1][1] < best["loss"]:
                 best = {"step": k + 1, "loss": val_history[-1][1], "params": state.params}
-    record = {"batch_size": batch, "optimizer": optimizer_name,
-              "seconds": time.perf_counter() - start, "loss_first": losses[0], "loss_last": losses[-1],
-              "images": int(len(images))}
+    record = {
+        "batch_size": batch,
+        "optimizer": optimizer_name,
+        "seconds": time.perf_counter() - start,
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "images": int(len(images)),
+    }
     if validation is not None:
-        record.update(validation_images=int(len(validation)), best_step=best["step"],
-                      validation_loss=[[s, v] for s, v in val_history])
+        record.update(
+            validation_images=int(len(validation)),
+            best_step=best["step"],
+            validation_loss=[[s, v] for s, v in val_history],
+        )
         state = state._replace(params=best["params"])
     return qat_result(result, state, record=record, grids=grids)
 

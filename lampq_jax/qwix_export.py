@@ -44,7 +44,8 @@ def _import_qwix():
     except ImportError as error:
         raise ImportError(
             "qwix_rules needs Qwix, an optional dependency: pip install qwix "
-            "(tested with qwix 0.1.8 on jax 0.10.2 / flax 0.12.8)") from error
+            "(tested with qwix 0.1.8 on jax 0.10.2 / flax 0.12.8)"
+        ) from error
     return qwix
 
 
@@ -111,18 +112,24 @@ def qwix_rules(
     """
     qwix = _import_qwix()
     bits = result.quantized.spec.bits
-    for which, name, method in ((0, "weight_calibration_method", weight_calibration_method),
-                                (1, "act_calibration_method", act_calibration_method)):
+    for which, name, method in (
+        (0, "weight_calibration_method", weight_calibration_method),
+        (1, "act_calibration_method", act_calibration_method),
+    ):
         if method is not None and method.split(",")[0] == "minmax":
             bad = sorted(p for p, b in bits.items() if b[which] not in QWIX_NATIVE_BITS)
             if bad:
-                raise ValueError(f"{name}={method!r}: Qwix quantizes asymmetrically only at 4 and 8 bits, "
-                                 f"but layer(s) {bad[:5]} use {[bits[p][which] for p in bad[:5]]} bits")
+                raise ValueError(
+                    f"{name}={method!r}: Qwix quantizes asymmetrically only at 4 and 8 bits, "
+                    f"but layer(s) {bad[:5]} use {[bits[p][which] for p in bad[:5]]} bits"
+                )
     kinds = {l.path: l.kind for l in result.quantized.layers}
     mixed_conv = sorted(p for p, (wb, ab) in bits.items() if kinds.get(p) == "conv" and wb != ab)
     if mixed_conv:
-        raise ValueError(f"Qwix's PTQ convolution needs equal weight and activation types, but conv layer(s) "
-                         f"{mixed_conv[:5]} have (weight, act) bits {[bits[p] for p in mixed_conv[:5]]}")
+        raise ValueError(
+            f"Qwix's PTQ convolution needs equal weight and activation types, but conv layer(s) "
+            f"{mixed_conv[:5]} have (weight, act) bits {[bits[p] for p in mixed_conv[:5]]}"
+        )
     extra = {}
     if act_calibration_method is not None:
         extra["act_calibration_method"] = act_calibration_method

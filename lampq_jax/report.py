@@ -15,21 +15,34 @@ from lampq_jax.layers.coverage import coverage_lines
 from lampq_jax.layers.types import LAYER_TYPES
 from lampq_jax.result import QuantizationResult
 
-TYPE_COLOURS = {"qkv": "#4C72B0", "proj": "#55A868", "fc1": "#C44E52", "fc2": "#8172B2",
-                "embed": "#937860", "head": "#DA8BC3", "other": "#8C8C8C"}
+TYPE_COLOURS = {
+    "qkv": "#4C72B0",
+    "proj": "#55A868",
+    "fc1": "#C44E52",
+    "fc2": "#8172B2",
+    "embed": "#937860",
+    "head": "#DA8BC3",
+    "other": "#8C8C8C",
+}
 
 
-def accuracy(apply_fn: Callable[[jax.Array], jax.Array], images: np.ndarray, labels: np.ndarray,
-             batch_size: int = 500, mesh: Optional[Mesh] = None) -> float:
+def accuracy(
+    apply_fn: Callable[[jax.Array], jax.Array],
+    images: np.ndarray,
+    labels: np.ndarray,
+    batch_size: int = 500,
+    mesh: Optional[Mesh] = None,
+) -> float:
     """Top-1 accuracy in percent of `apply_fn(images [B, ...]) -> logits [B, classes]`, each batch split over
     `mesh` (None: all of `jax.devices()`; `lampq_jax.apply.data_parallel`)."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     correct = 0
-    for start, batch in zip(range(0, len(images), batch_size),
-                            batches(np.asarray(images), batch_size, resolve_mesh(mesh))):
+    for start, batch in zip(
+        range(0, len(images), batch_size), batches(np.asarray(images), batch_size, resolve_mesh(mesh))
+    ):
         logits = apply_fn(batch)
-        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[start:start + batch_size]))
+        correct += int(np.sum(np.argmax(np.asarray(logits), -1) == labels[start : start + batch_size]))
     return 100.0 * correct / len(images)
 
 
@@ -57,21 +70,34 @@ def type_rows(result: QuantizationResult) -> list[list[str]]:
         layers = [l for l in result.quantized.layers if l.type == t]
         if layers:
             bits = [result.bits[l.path] for l in layers]
-            rows.append([t, str(len(layers)), f"{sum(l.num_weights for l in layers):,}",
-                         _bits_range([b[0] for b in bits]), _bits_range([b[1] for b in bits])])
+            rows.append(
+                [
+                    t,
+                    str(len(layers)),
+                    f"{sum(l.num_weights for l in layers):,}",
+                    _bits_range([b[0] for b in bits]),
+                    _bits_range([b[1] for b in bits]),
+                ]
+            )
     return rows
 
 
 def coverage_markdown(result: QuantizationResult) -> list[str]:
     """The 'What was quantized' section: layers by type with their bits, 'other' layers, attention, rules."""
-    parts = ["## What was quantized", "",
-             markdown_table(["type", "layers", "\\|W\\|", "weight bits", "activation bits"], type_rows(result)), ""]
+    parts = [
+        "## What was quantized",
+        "",
+        markdown_table(["type", "layers", "\\|W\\|", "weight bits", "activation bits"], type_rows(result)),
+        "",
+    ]
     coverage = result.report.get("coverage")
     if coverage is not None:
         parts += [f"- {line}" for line in coverage_lines(coverage)]
         if coverage["attention_sites"]:
             bits = sorted(set(result.attention_bits.values()))
-            parts.append(f"- attention matmul inputs at {', '.join(map(str, bits))} bits (softmax output: log quantizer)")
+            parts.append(
+                f"- attention matmul inputs at {', '.join(map(str, bits))} bits (softmax output: log quantizer)"
+            )
     if "preprocessing" in result.report:
         parts.append(f"- preprocessing of the calibration images: {result.report['preprocessing']}")
     return parts + [""]
@@ -79,26 +105,51 @@ def coverage_markdown(result: QuantizationResult) -> list[str]:
 
 def zero_shot_markdown(settings: dict) -> list[str]:
     """The 'Zero-shot calibration' section: how the images were synthesized, and their grid."""
-    keys = ("num_images", "image_shape", "steps", "lr", "entropy_weight", "ce_weight", "tv_weight", "jitter", "flip",
-            "pixel_range", "output", "seed")
-    return ["## Zero-shot calibration", "",
-            f"The calibration images were synthesized from the full-precision model in {settings['seconds']:.1f} s "
-            "(METHOD.md §7): " + ", ".join(f"{k} {settings[k]}" for k in keys if k in settings) + ".", "",
-            "![synthesized calibration images](zero_shot_images.png)", ""]
+    keys = (
+        "num_images",
+        "image_shape",
+        "steps",
+        "lr",
+        "entropy_weight",
+        "ce_weight",
+        "tv_weight",
+        "jitter",
+        "flip",
+        "pixel_range",
+        "output",
+        "seed",
+    )
+    return [
+        "## Zero-shot calibration",
+        "",
+        f"The calibration images were synthesized from the full-precision model in {settings['seconds']:.1f} s "
+        "(METHOD.md §7): " + ", ".join(f"{k} {settings[k]}" for k in keys if k in settings) + ".",
+        "",
+        "![synthesized calibration images](zero_shot_images.png)",
+        "",
+    ]
 
 
 def qat_markdown(qat: dict) -> list[str]:
     """The 'Quantization-aware fine-tuning' section: steps, optimizer, data, loss before and after."""
     line = f"{qat['steps']} steps"
     if "optimizer" in qat:
-        line += (f" of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, distillation loss "
-                 f"{qat['loss_first']:.4g} → {qat['loss_last']:.4g}, {qat['seconds']:.1f} s")
+        line += (
+            f" of {qat['optimizer']}, batch {qat['batch_size']} of {qat['images']} images, distillation loss "
+            f"{qat['loss_first']:.4g} → {qat['loss_last']:.4g}, {qat['seconds']:.1f} s"
+        )
     if "best_step" in qat:
-        line += (f"; kept the weights of step {qat['best_step']} (lowest distillation loss on "
-                 f"{qat['validation_images']} validation images; step 0 is the PTQ model)")
-    return ["## Quantization-aware fine-tuning", "",
-            f"After allocation, the weights were fine-tuned on their fixed grids with straight-through gradients "
-            f"(`lampq_jax.qat`): {line}. Bits and activation ranges are unchanged.", ""]
+        line += (
+            f"; kept the weights of step {qat['best_step']} (lowest distillation loss on "
+            f"{qat['validation_images']} validation images; step 0 is the PTQ model)"
+        )
+    return [
+        "## Quantization-aware fine-tuning",
+        "",
+        f"After allocation, the weights were fine-tuned on their fixed grids with straight-through gradients "
+        f"(`lampq_jax.qat`): {line}. Bits and activation ranges are unchanged.",
+        "",
+    ]
 
 
 def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[Any]] = ()) -> str:
@@ -106,8 +157,10 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
     r = result.report
     parts = [f"# LampQ report ({result.method})", ""]
     if summary_rows:
-        parts += [markdown_table(["model", "accuracy %", "avg W bits", "avg A bits", "model bytes", "time s"],
-                                 summary_rows), ""]
+        parts += [
+            markdown_table(["model", "accuracy %", "avg W bits", "avg A bits", "model bytes", "time s"], summary_rows),
+            "",
+        ]
     parts += [
         f"- average weight bits: {r['avg_weight_bits']:.3f} (allocated layers {r['avg_weight_bits_allocated']:.3f})",
         f"- average activation bits: {r['avg_act_bits']:.3f} (allocated layers {r['avg_act_bits_allocated']:.3f})",
@@ -117,12 +170,16 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
     ]
     if "alpha" in r:
         objective = f" {r['objective']}" if "objective" in r else ""
-        parts.append(f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective"
-                     f"{objective} J = {r['J']:.5f} (round {r['best_round']})")
+        parts.append(
+            f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective"
+            f"{objective} J = {r['J']:.5f} (round {r['best_round']})"
+        )
         parts.append("- α per type: " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))
         if r.get("spearman"):
-            parts.append("- metric check, Spearman(Ω(b_low), measured ΔL): "
-                         + ", ".join(f"α={m}: {v:.3f}" for m, v in r["spearman"].items()))
+            parts.append(
+                "- metric check, Spearman(Ω(b_low), measured ΔL): "
+                + ", ".join(f"α={m}: {v:.3f}" for m, v in r["spearman"].items())
+            )
     parts += ["", *coverage_markdown(result)]
     if "zero_shot" in r:
         parts += zero_shot_markdown(r["zero_shot"])
@@ -130,18 +187,49 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
         parts += qat_markdown(r["qat"])
     if "alpha" in r:
         cands = list(r["layers"][0]["omega"]) if r["layers"] else []
-        rows = [[short_path(l["path"]), l["type"], f"{l['num_weights']:,}", f"{l['macs']:,}",
-                 f"{l['fisher_w']:.3g}", f"{l['fisher_a']:.3g}", f"{l['alpha']:.3g}",
-                 *[f"{l['omega'][c]:.3g}" for c in cands], "W{}A{}".format(*l["bits"])] for l in r["layers"]]
-        parts += ["## Layers", "",
-                  markdown_table(["layer", "type", "\\|W\\|", "MACs", "tr F^W", "tr F^A", "α",
-                                  *[f"Ω({c})" for c in cands], "bits"], rows)]
-        hist = [[h["round"], f"{h['J']:.5f}", h["ilp_status"], f"{h['ilp_objective']:.4g}",
-                 " ".join(str(b[0]) for b in h["bits"].values())] for h in r["history"]]
-        parts += ["", "## Iterations", "", markdown_table(["round", "J", "ILP", "objective", "bits in layer order"],
-                                                          hist)]
-    parts += ["", "## Timings (s)", "", markdown_table(["stage", "seconds"],
-                                                        [[k, f"{v:.2f}"] for k, v in result.timings.items()])]
+        rows = [
+            [
+                short_path(l["path"]),
+                l["type"],
+                f"{l['num_weights']:,}",
+                f"{l['macs']:,}",
+                f"{l['fisher_w']:.3g}",
+                f"{l['fisher_a']:.3g}",
+                f"{l['alpha']:.3g}",
+                *[f"{l['omega'][c]:.3g}" for c in cands],
+                "W{}A{}".format(*l["bits"]),
+            ]
+            for l in r["layers"]
+        ]
+        parts += [
+            "## Layers",
+            "",
+            markdown_table(
+                ["layer", "type", "\\|W\\|", "MACs", "tr F^W", "tr F^A", "α", *[f"Ω({c})" for c in cands], "bits"], rows
+            ),
+        ]
+        hist = [
+            [
+                h["round"],
+                f"{h['J']:.5f}",
+                h["ilp_status"],
+                f"{h['ilp_objective']:.4g}",
+                " ".join(str(b[0]) for b in h["bits"].values()),
+            ]
+            for h in r["history"]
+        ]
+        parts += [
+            "",
+            "## Iterations",
+            "",
+            markdown_table(["round", "J", "ILP", "objective", "bits in layer order"], hist),
+        ]
+    parts += [
+        "",
+        "## Timings (s)",
+        "",
+        markdown_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in result.timings.items()]),
+    ]
     return "\n".join(parts) + "\n"
 
 
@@ -158,18 +246,22 @@ def plot_bits(result: QuantizationResult, path: str | Path) -> Path:
     bits = [result.bits[l.path][0] for l in layers]
     colours = [TYPE_COLOURS.get(l.type, "#8C8C8C") for l in layers]
     rows = {row["path"]: row for row in result.report.get("layers", [])}
-    fig, axes = plt.subplots(2 if rows else 1, 1, figsize=(max(8, 0.22 * len(layers)), 6 if rows else 3.5),
-                             sharex=True, squeeze=False)
+    fig, axes = plt.subplots(
+        2 if rows else 1, 1, figsize=(max(8, 0.22 * len(layers)), 6 if rows else 3.5), sharex=True, squeeze=False
+    )
     ax = axes[0, 0]
     ax.bar(range(len(layers)), bits, color=colours)
     ax.set_ylabel("weight / activation bits")
     ax.set_yticks([2, 3, 4, 5, 6, 8])
-    ax.set_title(f"{result.method}: bits per layer (avg {result.report['avg_weight_bits_allocated']:.2f} "
-                 "on allocated layers)")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c) for t, c in TYPE_COLOURS.items()
-               if any(l.type == t for l in layers)]
-    ax.legend(handles, [t for t in TYPE_COLOURS if any(l.type == t for l in layers)], ncol=7, fontsize=8,
-              loc="upper right")
+    ax.set_title(
+        f"{result.method}: bits per layer (avg {result.report['avg_weight_bits_allocated']:.2f} on allocated layers)"
+    )
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=c) for t, c in TYPE_COLOURS.items() if any(l.type == t for l in layers)
+    ]
+    ax.legend(
+        handles, [t for t in TYPE_COLOURS if any(l.type == t for l in layers)], ncol=7, fontsize=8, loc="upper right"
+    )
     if rows:
         ax2 = axes[1, 0]
         low = min(int(c) for c in next(iter(rows.values()))["omega"])
@@ -201,7 +293,7 @@ def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
     grid = np.ones([rows * h, columns * w, c], np.float32)
     for i, image in enumerate(images):
         r, k = divmod(i, columns)
-        grid[r * h:(r + 1) * h, k * w:(k + 1) * w] = image
+        grid[r * h : (r + 1) * h, k * w : (k + 1) * w] = image
     return grid
 
 
@@ -215,8 +307,9 @@ def plot_image_grid(images: np.ndarray, path: str | Path, columns: int = 8) -> P
     except ImportError as err:
         raise ImportError("plots need matplotlib: pip install 'lampq_jax[plot]'") from err
     grid = image_grid(images, columns)
-    fig, ax = plt.subplots(figsize=(min(12, 1.2 * grid.shape[1] / images.shape[2]),
-                                    min(12, 1.2 * grid.shape[0] / images.shape[1])))
+    fig, ax = plt.subplots(
+        figsize=(min(12, 1.2 * grid.shape[1] / images.shape[2]), min(12, 1.2 * grid.shape[0] / images.shape[1]))
+    )
     ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray" if grid.shape[-1] == 1 else None)
     ax.set_axis_off()
     fig.tight_layout()

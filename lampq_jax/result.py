@@ -90,8 +90,9 @@ class QuantizationResult:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             (tmp / "allocation.json").write_text(json.dumps(allocation, indent=1))
-            (tmp / "report.json").write_text(json.dumps({"report": self.report, "timings": self.timings}, indent=1,
-                                                         default=_json_default))
+            (tmp / "report.json").write_text(
+                json.dumps({"report": self.report, "timings": self.timings}, indent=1, default=_json_default)
+            )
             np.savez(tmp / "arrays.npz", **arrays)
             if target.exists():
                 shutil.rmtree(target)
@@ -133,8 +134,9 @@ def _read_json(folder: Path, name: str) -> dict:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{folder / name} is not valid JSON ({err}); {folder} is not a valid saved result") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{folder / name} holds a {type(data).__name__}, not an object; {folder} is not a valid "
-                         "saved result")
+        raise ValueError(
+            f"{folder / name} holds a {type(data).__name__}, not an object; {folder} is not a valid saved result"
+        )
     return data
 
 
@@ -160,16 +162,34 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
         model = ViT(**config)
     stored = _read_json(folder, "report.json")
     with np.load(folder / "arrays.npz") as npz:
-        variables = unflatten_dict({k[len("variables/"):]: npz[k] for k in npz.files if k.startswith("variables/")},
-                                   sep="/")
-        act_params = {k[len("act_params/"):]: npz[k] for k in npz.files if k.startswith("act_params/")}
+        variables = unflatten_dict(
+            {k[len("variables/") :]: npz[k] for k in npz.files if k.startswith("variables/")}, sep="/"
+        )
+        act_params = {k[len("act_params/") :]: npz[k] for k in npz.files if k.startswith("act_params/")}
     layers = tuple(
-        Layer(**{**l, "weight_shape": tuple(l["weight_shape"]), "out_axes": tuple(l["out_axes"]),
-                 "input_shape": tuple(l["input_shape"]), "output_shape": tuple(l["output_shape"])})
-        for l in allocation["layers"])
-    spec = QuantSpec.build(layers, {p: tuple(b) for p, b in allocation["bits"].items()},
-                           attention_bits=allocation["attention_bits"], weight_grid=allocation["weight_grid"])
+        Layer(
+            **{
+                **l,
+                "weight_shape": tuple(l["weight_shape"]),
+                "out_axes": tuple(l["out_axes"]),
+                "input_shape": tuple(l["input_shape"]),
+                "output_shape": tuple(l["output_shape"]),
+            }
+        )
+        for l in allocation["layers"]
+    )
+    spec = QuantSpec.build(
+        layers,
+        {p: tuple(b) for p, b in allocation["bits"].items()},
+        attention_bits=allocation["attention_bits"],
+        weight_grid=allocation["weight_grid"],
+    )
     quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]))
     rules = tuple((str(p), str(t)) for p, t in allocation.get("type_rules", []))  # absent in older saves
-    return QuantizationResult(quantized=quantized, method=allocation["method"], report=stored["report"],
-                              timings=stored["timings"], rules=rules)
+    return QuantizationResult(
+        quantized=quantized,
+        method=allocation["method"],
+        report=stored["report"],
+        timings=stored["timings"],
+        rules=rules,
+    )

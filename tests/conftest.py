@@ -15,10 +15,12 @@ def tiny_vit(num_layers: int = 2, **overrides):
 
 def randomize_head(variables, seed: int = 3, scale: float = 0.3):
     """Scenic zero-initialises output_projection; give it random weights so logits are informative."""
+
     def fill(path, leaf):
         if "output_projection" in jax.tree_util.keystr(path) and "kernel" in jax.tree_util.keystr(path):
             return scale * jax.random.normal(jax.random.key(seed), leaf.shape, leaf.dtype)
         return leaf
+
     return jax.tree_util.tree_map_with_path(fill, variables)
 
 

@@ -45,8 +45,9 @@ class InventedBackbone(nn.Module):
 
     @nn.compact
     def __call__(self, images):
-        x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID",
-                    name="patch_embed")(images)
+        x = nn.Conv(self.width, (self.patch, self.patch), strides=self.patch, padding="VALID", name="patch_embed")(
+            images
+        )
         b, gh, gw, c = x.shape
         x = x.reshape(b, gh * gw, c)
         cls = self.param("cls_token", nn.initializers.normal(0.02), (1, 1, c))

@@ -31,8 +31,19 @@ def files(tmp_path_factory):
 
 
 def args(files, out, *extra):
-    return ["quantize", "--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json"),
-            "--calib", str(files / "calib.npz"), "--out", str(out), *FAST, *extra]
+    return [
+        "quantize",
+        "--checkpoint",
+        str(files / "vit.msgpack"),
+        "--model-config",
+        str(files / "vit.json"),
+        "--calib",
+        str(files / "calib.npz"),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def leftovers(folder):
@@ -89,14 +100,42 @@ def test_cli_finetune_after_lampq(files, tmp_path, capsys):
 
 
 def zero_shot_args(files, out, *extra):
-    return ["quantize", "--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json"),
-            "--out", str(out), *FAST, *extra]
+    return [
+        "quantize",
+        "--checkpoint",
+        str(files / "vit.msgpack"),
+        "--model-config",
+        str(files / "vit.json"),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def test_cli_zero_shot_writes_the_synthetic_set(files, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(zero_shot_args(files, out, "--zero-shot", "4", "--zero-shot-steps", "3", "--image-size", "28",
-                               "--channels", "1", "--normalize", "unit", "--budget", "4")) == 0
+    assert (
+        main(
+            zero_shot_args(
+                files,
+                out,
+                "--zero-shot",
+                "4",
+                "--zero-shot-steps",
+                "3",
+                "--image-size",
+                "28",
+                "--channels",
+                "1",
+                "--normalize",
+                "unit",
+                "--budget",
+                "4",
+            )
+        )
+        == 0
+    )
     assert "calibration: zero-shot: 4 images (28, 28, 1) synthesized in 3 steps" in capsys.readouterr().out
     assert {"zero_shot_images.npz", "zero_shot_images.png"} <= set(os.listdir(out))
     with np.load(out / "zero_shot_images.npz") as f:
@@ -106,12 +145,15 @@ def test_cli_zero_shot_writes_the_synthetic_set(files, tmp_path, capsys):
     assert "zero-shot" in (out / "report.md").read_text().lower()
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--zero-shot", "4", "--calib", "x.npz"], "give exactly one of --calib PATH and --zero-shot N"),
-    ([], "give exactly one of --calib PATH and --zero-shot N"),
-    (["--zero-shot", "0", "--image-size", "28", "--normalize", "unit"], "must be >= 1, got 0 and 200"),
-    (["--zero-shot", "4", "--image-size", "28"], "--zero-shot needs --image-size"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--zero-shot", "4", "--calib", "x.npz"], "give exactly one of --calib PATH and --zero-shot N"),
+        ([], "give exactly one of --calib PATH and --zero-shot N"),
+        (["--zero-shot", "0", "--image-size", "28", "--normalize", "unit"], "must be >= 1, got 0 and 200"),
+        (["--zero-shot", "4", "--image-size", "28"], "--zero-shot needs --image-size"),
+    ],
+)
 def test_cli_zero_shot_errors(files, tmp_path, capsys, extra, message):
     assert main(zero_shot_args(files, tmp_path / "run", *extra)) == 2
     assert message in capsys.readouterr().err
@@ -136,9 +178,23 @@ def invented_files(tmp_path_factory):
 
 def test_cli_type_rules_on_an_invented_model(invented_files, tmp_path, capsys):
     out = tmp_path / "run"
-    argv = ["quantize", "--checkpoint", str(invented_files / "backbone.msgpack"), "--model-fn", INVENTED,
-            "--apply-kwargs", "{}", "--calib", str(invented_files / "calib.npz"), "--output", "features",
-            "--out", str(out), *FAST, *RULE_FLAGS]
+    argv = [
+        "quantize",
+        "--checkpoint",
+        str(invented_files / "backbone.msgpack"),
+        "--model-fn",
+        INVENTED,
+        "--apply-kwargs",
+        "{}",
+        "--calib",
+        str(invented_files / "calib.npz"),
+        "--output",
+        "features",
+        "--out",
+        str(out),
+        *FAST,
+        *RULE_FLAGS,
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "layers by type: qkv 6, proj 2, fc1 2, fc2 2, embed 1 (13 layers)" in printed
@@ -180,35 +236,94 @@ def photo_folder(tmp_path_factory):
     from lampq_jax.data.photos import load_photo
 
     root = tmp_path_factory.mktemp("photos")
-    for k, (name, size) in enumerate([("astronaut", (90, 60)), ("coffee", (41, 77)), ("rocket", (200, 150)),
-                                      ("camera", (64, 64)), ("hubble_deep_field", (50, 120)), ("coins", (75, 40))]):
+    for k, (name, size) in enumerate(
+        [
+            ("astronaut", (90, 60)),
+            ("coffee", (41, 77)),
+            ("rocket", (200, 150)),
+            ("camera", (64, 64)),
+            ("hubble_deep_field", (50, 120)),
+            ("coins", (75, 40)),
+        ]
+    ):
         Image.fromarray(load_photo(name)).resize(size, Image.BICUBIC).save(root / f"{k}_{name}.jpg", quality=90)
     model = create_vit("Ti/7", None, num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7)
     variables = model.init(jax.random.key(0), np.zeros([1, 28, 28, 3], np.float32))
     (root.parent / "features.msgpack").write_bytes(flax.serialization.to_bytes(variables))
-    (root.parent / "features.json").write_text(json.dumps({"variant": "Ti/7", "num_classes": None, "overrides": dict(
-        num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7)}))
+    (root.parent / "features.json").write_text(
+        json.dumps(
+            {
+                "variant": "Ti/7",
+                "num_classes": None,
+                "overrides": dict(num_layers=2, hidden_size=32, mlp_dim=64, num_heads=2, patch_size=7),
+            }
+        )
+    )
     return root
 
 
 def photo_args(folder, out, *extra):
-    return ["quantize", "--checkpoint", str(folder.parent / "features.msgpack"), "--model-config",
-            str(folder.parent / "features.json"), "--calib", str(folder), "--out", str(out), *FAST, *extra]
+    return [
+        "quantize",
+        "--checkpoint",
+        str(folder.parent / "features.msgpack"),
+        "--model-config",
+        str(folder.parent / "features.json"),
+        "--calib",
+        str(folder),
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
 
 
 def test_cli_photo_folder_feature_backbone_end_to_end(photo_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(photo_args(photo_folder, out, "--image-size", "28", "--normalize", "imagenet",
-                           "--output", "features", "--budget", "4")) == 0
+    assert (
+        main(
+            photo_args(
+                photo_folder,
+                out,
+                "--image-size",
+                "28",
+                "--normalize",
+                "imagenet",
+                "--output",
+                "features",
+                "--budget",
+                "4",
+            )
+        )
+        == 0
+    )
     assert "calibration: 6 JPEG/PNG image(s)" in capsys.readouterr().out
     report = (out / "report.md").read_text()
-    assert ("preprocessing of the calibration images: 6 JPEG/PNG image(s) from " in report
-            and "center-cropped to 28×28, normalized 'imagenet'" in report and "timm, Hugging Face" in report)
+    assert (
+        "preprocessing of the calibration images: 6 JPEG/PNG image(s) from " in report
+        and "center-cropped to 28×28, normalized 'imagenet'" in report
+        and "timm, Hugging Face" in report
+    )
     assert "calibration objective cosine" in report and "attention matmuls quantized at 8 sites" in report
     stored = json.loads((out / "result" / "report.json").read_text())["report"]
     assert stored["config"]["output"] == "features" and "normalized 'imagenet'" in stored["preprocessing"]
-    assert main(photo_args(photo_folder, tmp_path / "kl", "--image-size", "28", "--normalize", "minus1_1",
-                           "--output", "features", "--objective", "kl")) == 0
+    assert (
+        main(
+            photo_args(
+                photo_folder,
+                tmp_path / "kl",
+                "--image-size",
+                "28",
+                "--normalize",
+                "minus1_1",
+                "--output",
+                "features",
+                "--objective",
+                "kl",
+            )
+        )
+        == 0
+    )
     assert "calibration objective kl" in (tmp_path / "kl" / "report.md").read_text()
 
 
@@ -249,11 +364,44 @@ def test_cli_method_options_are_lampq_config_fields():
 
     base = ["quantize", "--checkpoint", "c.msgpack", "--out", "o"]
     assert _config(build_parser().parse_args(base)) == LampQConfig()
-    args = build_parser().parse_args(base + [
-        "--candidates", "8", "4", "--budget-kind", "bops", "--granularity", "module", "--alpha", "none",
-        "--iterations", "1", "--probes", "2", "--calibration", "minmax", "--seed", "5",
-        "--separate-wa", "--no-progress", "--no-metric-check", "--output", "features"])
+    args = build_parser().parse_args(
+        base
+        + [
+            "--candidates",
+            "8",
+            "4",
+            "--budget-kind",
+            "bops",
+            "--granularity",
+            "module",
+            "--alpha",
+            "none",
+            "--iterations",
+            "1",
+            "--probes",
+            "2",
+            "--calibration",
+            "minmax",
+            "--seed",
+            "5",
+            "--separate-wa",
+            "--no-progress",
+            "--no-metric-check",
+            "--output",
+            "features",
+        ]
+    )
     assert _config(args) == LampQConfig(
-        candidates=(4, 8), budget_kind="bops", granularity="module", alpha="none", iterations=1, probes=2,
-        calibration="minmax", seed=5, separate_weight_act_bits=True, progress=False, metric_check=False,
-        output="features")
+        candidates=(4, 8),
+        budget_kind="bops",
+        granularity="module",
+        alpha="none",
+        iterations=1,
+        probes=2,
+        calibration="minmax",
+        seed=5,
+        separate_weight_act_bits=True,
+        progress=False,
+        metric_check=False,
+        output="features",
+    )

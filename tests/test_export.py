@@ -18,8 +18,16 @@ from lampq_jax.apply.fake import QuantSpec
 from lampq_jax.apply.integer import IntegerModel, integer_apply
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.layers import find_layers
-from lampq_jax.export import (container_bits, export_nbytes, export_result, grid_codes, kernel_matrix, load_export,
-                              restore_kernel, save_export)
+from lampq_jax.export import (
+    container_bits,
+    export_nbytes,
+    export_result,
+    grid_codes,
+    kernel_matrix,
+    load_export,
+    restore_kernel,
+    save_export,
+)
 from lampq_jax.pipeline import size_report
 from lampq_jax.quant import packing
 from lampq_jax.quant.qtensor import QuantizedTensor
@@ -92,7 +100,9 @@ def test_export_rejects_kernels_off_the_grid(tiny_setup, mixed):
         grid_codes(np.asarray(jax.random.normal(jax.random.key(0), (16, 3))), 4)
     _, variables, _ = tiny_setup
     broken = dataclasses.replace(mixed.quantized, variables=variables, _compiled={})  # float kernels
-    with pytest.raises(ValueError, match=r"layer 'Transformer/encoderblock_0/MlpBlock_0/Dense_0': \d+ of 64 output channel\(s\).*2-bit"):
+    with pytest.raises(
+        ValueError, match=r"layer 'Transformer/encoderblock_0/MlpBlock_0/Dense_0': \d+ of 64 output channel\(s\).*2-bit"
+    ):
         export_result(QuantizationResult(quantized=broken, method="broken"))
     with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\], got 9"):
         grid_codes(np.zeros((2, 2), np.float32), 9)
@@ -138,10 +148,13 @@ def test_export_nbytes_counts_codes_scales_and_float_params(tiny_setup, mixed, t
             expected += 4 * value.size
     assert export_nbytes(tensors, variables) == expected
     # the run's own estimate counts b/8 bytes a weight: export adds only 7-bit containers and padding
-    padding = sum(packing.packed_length(t.matrix_shape[0], t.bits) * t.matrix_shape[1]
-                  - math.prod(t.shape) * mixed.bits[p][0] / 8 for p, t in tensors.items())
-    assert export_nbytes(tensors, variables) == pytest.approx(size_report(mixed.quantized.layers, mixed.bits,
-                                                                          variables)["model_bytes"] + padding)
+    padding = sum(
+        packing.packed_length(t.matrix_shape[0], t.bits) * t.matrix_shape[1] - math.prod(t.shape) * mixed.bits[p][0] / 8
+        for p, t in tensors.items()
+    )
+    assert export_nbytes(tensors, variables) == pytest.approx(
+        size_report(mixed.quantized.layers, mixed.bits, variables)["model_bytes"] + padding
+    )
     with pytest.raises(ValueError, match="'nope' has no kernel"):
         export_nbytes({"nope": tensors["embedding"]}, variables)
 

@@ -1,4 +1,5 @@
 """The modules of lampq_jax import one another one way: no cycle, counting every import statement."""
+
 import ast
 from pathlib import Path
 

@@ -38,8 +38,11 @@ def test_lampq_meets_budget_and_reports(lampq_result):
     assert r.report["model_bytes"] < r.report["fp32_bytes"]
     coverage = r.report["coverage"]
     assert coverage["other_layers"] == [] and coverage["type_rules"] == []
-    assert coverage["attention_sites"] == [f"Transformer/encoderblock_{b}/MultiHeadDotProductAttention_0/{s}"
-                                           for b in range(2) for s in ("q", "k", "v", "softmax")]
+    assert coverage["attention_sites"] == [
+        f"Transformer/encoderblock_{b}/MultiHeadDotProductAttention_0/{s}"
+        for b in range(2)
+        for s in ("q", "k", "v", "softmax")
+    ]
     text = report_markdown(r)
     assert "attention matmuls quantized at 8 sites" in text and "not quantized" not in text
     assert "| embed | 1 | 1,568 | 8 | 8 |" in text and "| head | 1 |" in text
@@ -86,8 +89,13 @@ def test_failed_save_leaves_nothing(tmp_path, monkeypatch, lampq_result):
 def test_infeasible_budget_states_smallest(tiny_setup):
     model, variables, images = tiny_setup
     with pytest.raises(ValueError, match="smallest feasible average is 2.0 bits"):
-        lampq_jax.quantize(model, variables, images[:4], budget=1.5,
-                           config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"))
+        lampq_jax.quantize(
+            model,
+            variables,
+            images[:4],
+            budget=1.5,
+            config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"),
+        )
 
 
 def test_bad_calibration_data(tiny_setup):
@@ -100,34 +108,54 @@ def test_bad_calibration_data(tiny_setup):
         lampq_jax.quantize(model, variables, images[:0], budget=4.0)
 
 
-@pytest.mark.parametrize("labels, message", [
-    (np.array([0, 1, 10, -1]), r"in \[0, 10\) of the model's 10 logits; 2 of 4 are outside, e.g. \[-1, 10\]"),
-    (np.array([0.0, 1.0, 2.0, 3.0]), "integer class indices, got dtype float64"),
-    (np.array([0, 1, 2]), r"labels must have shape \(4,\), got \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "labels, message",
+    [
+        (np.array([0, 1, 10, -1]), r"in \[0, 10\) of the model's 10 logits; 2 of 4 are outside, e.g. \[-1, 10\]"),
+        (np.array([0.0, 1.0, 2.0, 3.0]), "integer class indices, got dtype float64"),
+        (np.array([0, 1, 2]), r"labels must have shape \(4,\), got \(3,\)"),
+    ],
+)
 def test_bad_labels_fail_before_the_ilp(tiny_setup, labels, message):
     model, variables, images = tiny_setup
     with pytest.raises(ValueError, match=message):
-        lampq_jax.quantize(model, variables, images[:4], budget=4.0, labels=labels,
-                           config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"))
+        lampq_jax.quantize(
+            model,
+            variables,
+            images[:4],
+            budget=4.0,
+            labels=labels,
+            config=LampQConfig(progress=False, iterations=0, metric_check=False, alpha="none"),
+        )
 
 
-@pytest.mark.parametrize("options, message", [
-    (dict(fixed_bits=9), r"fixed_bits must be an integer in \[2, 8\], got 9"),
-    (dict(attn_bits=1), r"attn_bits must be an integer in \[2, 8\], got 1"),
-    (dict(candidates=(3, 4.5)), r"every candidate of \(3, 4.5\) must be an integer in \[2, 8\].*got 4.5"),
-    (dict(fixed_layers=(("a/b", 12),)), r"fixed_layers entry \('a/b', 12\) must be an integer in \[2, 8\], got 12"),
-    (dict(min_bits=(("fc2", 0),)), r"min_bits entry \('fc2', 0\) must be an integer in \[2, 8\], got 0"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (dict(fixed_bits=9), r"fixed_bits must be an integer in \[2, 8\], got 9"),
+        (dict(attn_bits=1), r"attn_bits must be an integer in \[2, 8\], got 1"),
+        (dict(candidates=(3, 4.5)), r"every candidate of \(3, 4.5\) must be an integer in \[2, 8\].*got 4.5"),
+        (dict(fixed_layers=(("a/b", 12),)), r"fixed_layers entry \('a/b', 12\) must be an integer in \[2, 8\], got 12"),
+        (dict(min_bits=(("fc2", 0),)), r"min_bits entry \('fc2', 0\) must be an integer in \[2, 8\], got 0"),
+    ],
+)
 def test_bits_out_of_range_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         LampQConfig(**options)
 
+
 def test_module_granularity_fixed_layers_and_bops(tiny_setup):
     model, variables, images = tiny_setup
     fixed = "Transformer/encoderblock_0/MlpBlock_0/Dense_1"
-    config = LampQConfig(progress=False, iterations=0, metric_check=False, alpha="mean", granularity="module",
-                         budget_kind="bops", fixed_layers=((fixed, 8),))
+    config = LampQConfig(
+        progress=False,
+        iterations=0,
+        metric_check=False,
+        alpha="mean",
+        granularity="module",
+        budget_kind="bops",
+        fixed_layers=((fixed, 8),),
+    )
     r = lampq_jax.quantize(model, variables, images[:8], budget=5.0, config=config)
     mlp = [r.bits[f"Transformer/encoderblock_1/MlpBlock_0/Dense_{i}"] for i in range(2)]
     assert mlp[0] == mlp[1]
@@ -136,8 +164,9 @@ def test_module_granularity_fixed_layers_and_bops(tiny_setup):
     bops = sum(l.macs * r.bits[l.path][0] * r.bits[l.path][1] for l in allocated)
     assert bops <= 25 * sum(l.macs for l in allocated) * (1 + 1e-9)
     with pytest.raises(ValueError, match="no/such"):
-        lampq_jax.quantize(model, variables, images[:8], budget=4.0,
-                           config=LampQConfig(progress=False, fixed_layers=(("no/such", 4),)))
+        lampq_jax.quantize(
+            model, variables, images[:8], budget=4.0, config=LampQConfig(progress=False, fixed_layers=(("no/such", 4),))
+        )
 
 
 def test_metric_check_and_history(tiny_setup, lampq_result):

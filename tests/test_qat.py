@@ -99,14 +99,32 @@ def test_finetune_result_saves_and_reloads(tmp_path, tiny_setup, ptq):
 
 def test_validation_keeps_the_ptq_weights_when_training_hurts(tiny_setup, ptq):
     _, variables, images = tiny_setup
-    tuned = finetune(ptq, variables, images[:8], steps=6, batch_size=8, learning_rate=0.5, validation=images[8:],
-                     eval_every=2, progress=False)
+    tuned = finetune(
+        ptq,
+        variables,
+        images[:8],
+        steps=6,
+        batch_size=8,
+        learning_rate=0.5,
+        validation=images[8:],
+        eval_every=2,
+        progress=False,
+    )
     qat = tuned.report["qat"]
     assert [s for s, _ in qat["validation_loss"]] == [0, 2, 4, 6]
     assert qat["best_step"] == 0 and min(v for _, v in qat["validation_loss"][1:]) > qat["validation_loss"][0][1]
     np.testing.assert_allclose(tuned.apply(images), ptq.apply(images), atol=1e-6)
-    helpful = finetune(ptq, variables, images, steps=6, batch_size=16, learning_rate=3e-3, validation=images,
-                       eval_every=3, progress=False)
+    helpful = finetune(
+        ptq,
+        variables,
+        images,
+        steps=6,
+        batch_size=16,
+        learning_rate=3e-3,
+        validation=images,
+        eval_every=3,
+        progress=False,
+    )
     assert helpful.report["qat"]["best_step"] > 0
 
 
@@ -121,18 +139,21 @@ def test_trained_weights_stay_on_their_grids(tiny_setup, ptq):
     out_axes = {l.path: l.out_axes for l in ptq.quantized.layers}
     moved = 0
     for path, (wb, _) in ptq.bits.items():
-        columns = kernel_matrix(after[f"{path}/kernel"], out_axes[path])[0]   # [K, N]: one column per channel
-        assert max(len(np.unique(columns[:, c])) for c in range(columns.shape[1])) <= 2 ** wb, path
+        columns = kernel_matrix(after[f"{path}/kernel"], out_axes[path])[0]  # [K, N]: one column per channel
+        assert max(len(np.unique(columns[:, c])) for c in range(columns.shape[1])) <= 2**wb, path
         moved += int(np.any(columns != kernel_matrix(before[f"{path}/kernel"], out_axes[path])[0]))
     assert moved > 0
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(steps=0), "steps must be an integer >= 1, got 0"),
-    (dict(steps=2, batch_size=0), "batch_size must be an integer >= 1, got 0"),
-    (dict(steps=2, eval_every=0), "eval_every must be an integer >= 1, got 0"),
-    (dict(steps=2, labels=np.zeros(3, int)), r"labels must have shape \(16,\), got \(3,\)"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(steps=0), "steps must be an integer >= 1, got 0"),
+        (dict(steps=2, batch_size=0), "batch_size must be an integer >= 1, got 0"),
+        (dict(steps=2, eval_every=0), "eval_every must be an integer >= 1, got 0"),
+        (dict(steps=2, labels=np.zeros(3, int)), r"labels must have shape \(16,\), got \(3,\)"),
+    ],
+)
 def test_finetune_bad_input_named(tiny_setup, ptq, kwargs, message):
     _, variables, images = tiny_setup
     with pytest.raises(ValueError, match=message):

@@ -37,7 +37,13 @@ def test_user_rules_type_every_layer_and_keep_embed_at_fixed_bits(ruled_result):
     assert types["patch_embed"] == "embed"
     for i in range(2):
         assert [types[f"layer_{i}/{n}"] for n in ("query", "key", "value", "attn_out", "fc1", "fc2")] == [
-            "qkv", "qkv", "qkv", "proj", "fc1", "fc2"]
+            "qkv",
+            "qkv",
+            "qkv",
+            "proj",
+            "fc1",
+            "fc2",
+        ]
         assert r.bits[f"layer_{i}/query"] == r.bits[f"layer_{i}/key"] == r.bits[f"layer_{i}/value"]
     assert r.bits["patch_embed"] == (8, 8)
     assert sorted(r.report["alpha"]) == sorted(ALLOCATED)

@@ -180,8 +180,15 @@ def smallest_feasible_budget(
     if weight_bits.ndim not in (1, 2):
         raise ValueError(f"weight_bits must be [m] or [n_items, m], got shape {weight_bits.shape}")
     options = _validate_options(
-        n, weight_bits.shape[-1], weight_bits, act_bits, num_weights, num_activations, macs,
-        scale_bytes, allowed,
+        n,
+        weight_bits.shape[-1],
+        weight_bits,
+        act_bits,
+        num_weights,
+        num_activations,
+        macs,
+        scale_bytes,
+        allowed,
     )
     return _smallest_feasible(options)
 
@@ -207,12 +214,14 @@ def budget_usage(
         raise ValueError(f"weight_bits must be [n_items], got shape {weight_bits.shape}")
     act_bits = None if act_bits is None else np.asarray(act_bits)[:, None]
     if act_bits is not None and act_bits.shape[0] != weight_bits.shape[0]:
-        raise ValueError(
-            f"act_bits has {act_bits.shape[0]} entries but weight_bits has {weight_bits.shape[0]}"
-        )
+        raise ValueError(f"act_bits has {act_bits.shape[0]} entries but weight_bits has {weight_bits.shape[0]}")
     return smallest_feasible_budget(
-        weight_bits[:, None], act_bits, num_weights=num_weights, num_activations=num_activations,
-        macs=macs, scale_bytes=scale_bytes,
+        weight_bits[:, None],
+        act_bits,
+        num_weights=num_weights,
+        num_activations=num_activations,
+        macs=macs,
+        scale_bytes=scale_bytes,
     )
 
 
@@ -277,9 +286,7 @@ def allocate_bits(
     if solver == "auto":
         solver = "highs" if highspy is not None else "scipy"
     if solver == "highs" and highspy is None:
-        raise ImportError(
-            "solver='highs' needs highspy (pip install highspy); or use solver='scipy'"
-        )
+        raise ImportError("solver='highs' needs highspy (pip install highspy); or use solver='scipy'")
     if not (isinstance(time_limit, numbers.Real) and time_limit > 0):
         raise ValueError(f"time_limit={time_limit!r} must be a positive number of seconds")
     if not (isinstance(mip_gap, numbers.Real) and 0 <= mip_gap < math.inf):
@@ -289,9 +296,7 @@ def allocate_bits(
     if cost.ndim != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
         raise ValueError(f"cost must be [n_items, m] with n_items, m ≥ 1, got shape {cost.shape}")
     n, m = cost.shape
-    options = _validate_options(
-        n, m, weight_bits, act_bits, num_weights, num_activations, macs, scale_bytes, allowed
-    )
+    options = _validate_options(n, m, weight_bits, act_bits, num_weights, num_activations, macs, scale_bytes, allowed)
     _check_costs(cost, options.allowed)
     rows = _budget_rows(options, budget)
     _raise_if_alone_infeasible(options, budget)
@@ -304,9 +309,7 @@ def allocate_bits(
 
     model = _sparse_model(cost, allowed, rows)
     if solver == "highs":
-        x, status, gap = _solve_highs(
-            model, _loads(rows), n, m, time_limit=float(time_limit), mip_gap=float(mip_gap)
-        )
+        x, status, gap = _solve_highs(model, _loads(rows), n, m, time_limit=float(time_limit), mip_gap=float(mip_gap))
     else:
         x, status, gap = _solve_scipy(model, time_limit=float(time_limit), mip_gap=float(mip_gap))
     if status == "infeasible":
@@ -321,9 +324,7 @@ def allocate_bits(
     return _result(choice, cost, options, status, gap, start, solver)
 
 
-def _result(
-    choice, cost, options: _Options, status: str, gap: float, began: float, solver: str
-) -> AllocationResult:
+def _result(choice, cost, options: _Options, status: str, gap: float, began: float, solver: str) -> AllocationResult:
     """Packs the chosen options [n] of `allocate_bits` into an `AllocationResult`."""
     items = np.arange(choice.size)
     return AllocationResult(
@@ -362,8 +363,7 @@ def _bits(values, name: str, n: int, m: int) -> np.ndarray:
     arr = np.asarray(values)
     if arr.shape not in ((m,), (n, m)):
         raise ValueError(
-            f"{name} has shape {arr.shape}; with {n} items and {m} options it must be "
-            f"({m},) or ({n}, {m})"
+            f"{name} has shape {arr.shape}; with {n} items and {m} options it must be ({m},) or ({n}, {m})"
         )
     if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
         raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
@@ -400,9 +400,7 @@ def _validate_options(
         act_bits=ab,
         allowed=mask,
         num_weights=_counts(num_weights, "num_weights", n),
-        num_activations=(
-            None if num_activations is None else _counts(num_activations, "num_activations", n)
-        ),
+        num_activations=(None if num_activations is None else _counts(num_activations, "num_activations", n)),
         macs=None if macs is None else _counts(macs, "macs", n),
         scale_bytes=np.zeros(n) if scale_bytes is None else _counts(scale_bytes, "scale_bytes", n),
     )
@@ -450,7 +448,7 @@ def _coefficients(options: _Options, kind: str) -> Optional[tuple[np.ndarray, fl
     if kind == "model_bytes":
         return o.num_weights[:, None] * o.weight_bits / 8.0 + o.scale_bytes[:, None], 1.0
     if kind == "bops":
-        return (None if o.macs is None else (o.macs[:, None] * o.weight_bits * o.act_bits, 1.0))
+        return None if o.macs is None else (o.macs[:, None] * o.weight_bits * o.act_bits, 1.0)
     raise ValueError(f"unknown budget kind {kind!r}; expected one of {BUDGET_KINDS}")
 
 
@@ -471,9 +469,7 @@ def _budget_rows(options: _Options, budget: Budget) -> list[_BudgetRow]:
     return rows
 
 
-def _fold_zero_budgets(
-    allowed: np.ndarray, rows: list[_BudgetRow]
-) -> tuple[np.ndarray, list[_BudgetRow]]:
+def _fold_zero_budgets(allowed: np.ndarray, rows: list[_BudgetRow]) -> tuple[np.ndarray, list[_BudgetRow]]:
     """A budget of 0 admits only the options that spend none of it: moves it into the mask.
 
     Returns:
@@ -525,9 +521,7 @@ def _raise_if_alone_infeasible(options: _Options, budget: Budget) -> None:
     for kind, value in budget.limits().items():
         floor = getattr(smallest, kind)
         if value < floor * (1 - 1e-9):
-            problems.append(
-                f"budget {kind}={value!r} is infeasible: {_describe_minimum(kind, floor, options)}"
-            )
+            problems.append(f"budget {kind}={value!r} is infeasible: {_describe_minimum(kind, floor, options)}")
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -635,9 +629,7 @@ def _round_down(x: np.ndarray, loads: np.ndarray) -> np.ndarray:
     return np.argmin(np.where(x > 1e-9, total, np.inf), axis=1)
 
 
-def _greedy_improve(
-    choice: np.ndarray, cost: np.ndarray, loads: np.ndarray, max_moves: int
-) -> np.ndarray:
+def _greedy_improve(choice: np.ndarray, cost: np.ndarray, loads: np.ndarray, max_moves: int) -> np.ndarray:
     """Spends the budgets' slack: repeatedly moves the one item whose move fits best.
 
     A move of item i to option j fits when loads[r, i, j] − loads[r, i, choice[i]] ≤ slack_r
@@ -711,11 +703,20 @@ def _highs_with_model(model: _SparseModel, *, integer: bool, time_limit: float, 
     inf = h.getInfinity()
     kind = highspy.HighsVarType.kInteger if integer else highspy.HighsVarType.kContinuous
     status = h.passModel(
-        k, num_rows, model.index.size,
-        int(highspy.MatrixFormat.kColwise), int(highspy.ObjSense.kMinimize), 0.0,
-        model.cost, np.zeros(k), np.ones(k),
-        np.maximum(model.row_lower, -inf), np.minimum(model.row_upper, inf),
-        model.start, model.index, model.value,
+        k,
+        num_rows,
+        model.index.size,
+        int(highspy.MatrixFormat.kColwise),
+        int(highspy.ObjSense.kMinimize),
+        0.0,
+        model.cost,
+        np.zeros(k),
+        np.ones(k),
+        np.maximum(model.row_lower, -inf),
+        np.minimum(model.row_upper, inf),
+        model.start,
+        model.index,
+        model.value,
         np.full(k, int(kind), dtype=np.int32),
     )
     if status == highspy.HighsStatus.kError:
@@ -723,9 +724,7 @@ def _highs_with_model(model: _SparseModel, *, integer: bool, time_limit: float, 
     return h
 
 
-def _solve_highs(
-    model: _SparseModel, loads: np.ndarray, n: int, m: int, *, time_limit: float, mip_gap: float
-):
+def _solve_highs(model: _SparseModel, loads: np.ndarray, n: int, m: int, *, time_limit: float, mip_gap: float):
     """Solves with highspy; returns (x [K] or None, status, mip_gap).
 
     First the LP relaxation: its optimum bounds the integer optimum from below, and its
@@ -750,13 +749,13 @@ def _solve_highs(
             return _columns_from_choice(start, model), "optimal", gap
     remaining = time_limit - (time.perf_counter() - began)
     if remaining <= 0:
-        return (None, "time_limit", math.nan) if start is None else (
-            _columns_from_choice(start, model), "time_limit", gap)
+        return (
+            (None, "time_limit", math.nan) if start is None else (_columns_from_choice(start, model), "time_limit", gap)
+        )
 
     h = _highs_with_model(model, integer=True, time_limit=remaining, mip_gap=mip_gap)
     if start is not None:
-        h.setSolution(model.cost.size, np.arange(model.cost.size, dtype=np.int32),
-                      _columns_from_choice(start, model))
+        h.setSolution(model.cost.size, np.arange(model.cost.size, dtype=np.int32), _columns_from_choice(start, model))
     h.run()
     model_status = h.getModelStatus()
     if model_status == highspy.HighsModelStatus.kInfeasible:

@@ -127,8 +127,9 @@ def channel_site_map(channel_sites: Union[ChannelSites, Iterable[str]]) -> dict[
     return sites
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "layer_paths", "attention_paths", "max_samples",
-                                             "channel_sites"))
+@functools.partial(
+    jax.jit, static_argnames=("model", "kwargs", "layer_paths", "attention_paths", "max_samples", "channel_sites")
+)
 def _batch_stats(variables, batch, *, model, kwargs, layer_paths, attention_paths, max_samples, channel_sites):
     """{site: (samples, min, max)} of one batch; per-channel sites ((site, n) pairs) give rows [S, C] and
     min / max of the channel shape (the input's last n dims; C their product)."""
@@ -138,7 +139,7 @@ def _batch_stats(variables, batch, *, model, kwargs, layer_paths, attention_path
     def on_site(site, x):
         if site in channel_axes:
             axes = tuple(range(x.ndim - channel_axes[site]))
-            rows = jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - channel_axes[site]:])))
+            rows = jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - channel_axes[site] :])))
             found[site] = (_subsample_rows(rows, CHANNEL_ROWS), jnp.min(x, axis=axes), jnp.max(x, axis=axes))
         else:
             found[site] = (_subsample(x, max_samples), jnp.min(x), jnp.max(x))
@@ -174,9 +175,16 @@ def collect_site_samples(
     lo: dict[str, Any] = {}
     hi: dict[str, Any] = {}
     for batch in batches(images, batch_size, mesh):
-        stats = _batch_stats(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
-                             layer_paths=layer_paths, attention_paths=attention_paths, max_samples=max_samples,
-                             channel_sites=channel_sites)
+        stats = _batch_stats(
+            variables,
+            batch,
+            model=static_module(model),
+            kwargs=tuple(sorted(apply_kwargs.items())),
+            layer_paths=layer_paths,
+            attention_paths=attention_paths,
+            max_samples=max_samples,
+            channel_sites=channel_sites,
+        )
         for site, (values, mn, mx) in jax.device_get(stats).items():
             samples.setdefault(site, []).append(values)
             lo[site] = np.minimum(lo.get(site, np.inf), mn)
@@ -221,7 +229,7 @@ def _channel_table(rows: jax.Array, lo: jax.Array, hi: jax.Array, method: str, p
     raw_hi = jnp.where(hi < SILENT_CHANNEL * median_hi, jnp.maximum(hi, median_hi), hi)
     raw_lo = jnp.where(lo > SILENT_CHANNEL * median_lo, jnp.minimum(lo, median_lo), lo)
     for bits in range(MIN_BITS, MAX_BITS + 1):
-        levels = float(2 ** bits - 1)
+        levels = float(2**bits - 1)
         # Each channel's range is floored by a quantile of all channels' ranges (`CHANNEL_RANGE_FLOOR`).
         floor = CHANNEL_RANGE_FLOOR[bits]
         lo = jnp.minimum(raw_lo, jnp.quantile(raw_lo, 1.0 - floor)) if floor else raw_lo
@@ -246,8 +254,12 @@ def channel_input_sites(layers: Iterable[Any], types: Iterable[str]) -> dict[str
     sites = {}
     for l in layers:
         n_in = len(l.weight_shape) - len(l.out_axes)
-        if (l.type in types and l.kind in ("dense", "dense_general") and n_in >= 1
-                and tuple(l.out_axes) == tuple(range(n_in, len(l.weight_shape)))):
+        if (
+            l.type in types
+            and l.kind in ("dense", "dense_general")
+            and n_in >= 1
+            and tuple(l.out_axes) == tuple(range(n_in, len(l.weight_shape)))
+        ):
             sites[l.path] = n_in
     return sites
 
@@ -325,13 +337,19 @@ def calibrate_activations(
     for s in sorted(channel_sites):
         rows, mn, mx = found[s]
         shape = np.shape(mn)
-        table = _channel_table(jnp.asarray(rows), jnp.asarray(mn, jnp.float32).ravel(),
-                               jnp.asarray(mx, jnp.float32).ravel(), method, float(percentile))
+        table = _channel_table(
+            jnp.asarray(rows),
+            jnp.asarray(mn, jnp.float32).ravel(),
+            jnp.asarray(mx, jnp.float32).ravel(),
+            method,
+            float(percentile),
+        )
         channel[s] = np.asarray(table).reshape(table.shape[:2] + shape)
     tables = dict(channel)
     for site_method in CALIBRATION_METHODS:
-        sites = sorted(s for s in found if s not in channel
-                       and ("minmax" if s in minmax_sites else method) == site_method)
+        sites = sorted(
+            s for s in found if s not in channel and ("minmax" if s in minmax_sites else method) == site_method
+        )
         if sites:
             tables.update(_per_tensor_tables(found, sites, site_method, percentile, max_samples))
     return tables

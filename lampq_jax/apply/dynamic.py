@@ -42,8 +42,12 @@ class DynamicBits(NamedTuple):
     softmax_bits: dict[str, jax.Array]
 
 
-def dynamic_bits(act_params: ActivationParams, attention: Sequence[str],
-                 bits: Mapping[str, tuple[int, int]], attention_bits: Optional[Mapping[str, int]] = None) -> DynamicBits:
+def dynamic_bits(
+    act_params: ActivationParams,
+    attention: Sequence[str],
+    bits: Mapping[str, tuple[int, int]],
+    attention_bits: Optional[Mapping[str, int]] = None,
+) -> DynamicBits:
     """`DynamicBits` for an assignment {path: (weight bits, act bits)}; sites not in it stay float."""
     attention_bits = attention_bits or {}
     site_bits = {s: np.int32(0) for s in act_params}
@@ -113,9 +117,17 @@ class DynamicQuantizer:
         key = (path, int(bits))
         if key not in self._kernels:
             kernel = self._flat[f"{path}/kernel"]
-            self._kernels[key] = kernel if bits == 0 else quantize_kernel(
-                kernel, int(bits), self._out_axes[path], grid=self.weight_grid,
-                hessian=(self.hessians or {}).get(path))
+            self._kernels[key] = (
+                kernel
+                if bits == 0
+                else quantize_kernel(
+                    kernel,
+                    int(bits),
+                    self._out_axes[path],
+                    grid=self.weight_grid,
+                    hessian=(self.hessians or {}).get(path),
+                )
+            )
         return self._kernels[key]
 
     def params(self, weight_bits: Mapping[str, int]) -> Any:

@@ -66,16 +66,29 @@ def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
     return found
 
 
-def query_key_ratios(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                     batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+def query_key_ratios(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    attention_paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    mesh: Optional[Mesh] = None,
+    **apply_kwargs: Any,
+) -> dict[str, np.ndarray]:
     """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]
     (batches split over `mesh`, None: all devices)."""
     absmax: dict[str, np.ndarray] = {}
     mesh = resolve_mesh(mesh)
     variables = replicate(variables, mesh)
     for batch in batches(images, batch_size, mesh):
-        found = _batch_absmax(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
-                              attention_paths=frozenset(attention_paths))
+        found = _batch_absmax(
+            variables,
+            batch,
+            model=static_module(model),
+            kwargs=tuple(sorted(apply_kwargs.items())),
+            attention_paths=frozenset(attention_paths),
+        )
         for site, value in jax.device_get(found).items():
             absmax[site] = np.maximum(absmax.get(site, 0.0), value)
     ratios = {}
@@ -96,8 +109,10 @@ def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
                 if key in flat:
                     value = flat[key]
                     if tuple(value.shape[-2:]) != ratio.shape:
-                        raise ValueError(f"{key} has shape {tuple(value.shape)}, which does not end in the "
-                                         f"[heads, head_dim] = {ratio.shape} of its attention")
+                        raise ValueError(
+                            f"{key} has shape {tuple(value.shape)}, which does not end in the "
+                            f"[heads, head_dim] = {ratio.shape} of its attention"
+                        )
                     flat[key] = (jnp.asarray(value, jnp.float32) * factor).astype(value.dtype)
                 elif leaf == "kernel":
                     raise ValueError(f"attention {path!r} has no {name} kernel at 'params/{key}'")
@@ -120,8 +135,16 @@ def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
     return found
 
 
-def key_means(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-              batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+def key_means(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    attention_paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    mesh: Optional[Mesh] = None,
+    **apply_kwargs: Any,
+) -> dict[str, np.ndarray]:
     """{attention path: μ [heads, head_dim]}, the mean key over every token of `images` (batches split over
     `mesh`, None: all devices). Per-image sums are added on the host in float64, in image order, so that μ
     does not depend on how a batch was split (it is folded into the variables that everything after uses)."""
@@ -130,8 +153,13 @@ def key_means(model: nn.Module, variables: Any, images: np.ndarray, attention_pa
     mesh = resolve_mesh(mesh)
     variables = replicate(variables, mesh)
     for batch in batches(images, batch_size, mesh):
-        found = _batch_key_sums(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
-                                attention_paths=frozenset(attention_paths))
+        found = _batch_key_sums(
+            variables,
+            batch,
+            model=static_module(model),
+            kwargs=tuple(sorted(apply_kwargs.items())),
+            attention_paths=frozenset(attention_paths),
+        )
         for path, (per_image, count) in jax.device_get(found).items():
             sums[path] = sums.get(path, 0.0) + np.sum(np.asarray(per_image, np.float64), axis=0)
             counts[path] = counts.get(path, 0) + int(count) * per_image.shape[0]
@@ -155,14 +183,24 @@ def fold_key_means(variables: Any, means: dict[str, np.ndarray]) -> tuple[Any, l
             continue
         bias = flat[key]
         if tuple(bias.shape[-2:]) != mean.shape:
-            raise ValueError(f"{key} has shape {tuple(bias.shape)}, which does not end in the "
-                             f"[heads, head_dim] = {mean.shape} of its keys")
+            raise ValueError(
+                f"{key} has shape {tuple(bias.shape)}, which does not end in the "
+                f"[heads, head_dim] = {mean.shape} of its keys"
+            )
         flat[key] = (jnp.asarray(bias, jnp.float32) - mean).astype(bias.dtype)
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}, without_bias
 
 
-def center_keys(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> tuple[Any, list[str]]:
+def center_keys(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    attention_paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    mesh: Optional[Mesh] = None,
+    **apply_kwargs: Any,
+) -> tuple[Any, list[str]]:
     """(the variables with every attention's mean key folded out of its key bias, the paths left as they were
     because their key has no bias); see the module docstring."""
     if not attention_paths:
@@ -171,11 +209,20 @@ def center_keys(model: nn.Module, variables: Any, images: np.ndarray, attention_
     return fold_key_means(variables, means)
 
 
-def equalize_query_key(model: nn.Module, variables: Any, images: np.ndarray, attention_paths: Sequence[str], *,
-                       batch_size: int = 32, mesh: Optional[Mesh] = None, **apply_kwargs: Any) -> Any:
+def equalize_query_key(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    attention_paths: Sequence[str],
+    *,
+    batch_size: int = 32,
+    mesh: Optional[Mesh] = None,
+    **apply_kwargs: Any,
+) -> Any:
     """The variables with every attention's query/key pair equalized on `images` (module docstring)."""
     if not attention_paths:
         return variables
-    ratios = query_key_ratios(model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh,
-                              **apply_kwargs)
+    ratios = query_key_ratios(
+        model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh, **apply_kwargs
+    )
     return fold_query_key_ratios(variables, ratios)

@@ -93,9 +93,14 @@ class QuantSpec:
                 raise ValueError(f"bits of {path!r} must be (weight bits, activation bits), got {pair!r}")
             weight_bits, act_bits = (check_bits(b, f"bits of {path!r} {pair!r}") for b in pair)
             entries.append((path, weight_bits, act_bits))
-        attention = tuple(sorted((p, check_bits(b, f"attention bits of {p!r}")) for p, b in (attention_bits or {}).items()))
-        return cls(layers=tuple(entries), attention=attention,
-                   weight_grid=tuple(weight_grid) if weight_grid is not None else None)
+        attention = tuple(
+            sorted((p, check_bits(b, f"attention bits of {p!r}")) for p, b in (attention_bits or {}).items())
+        )
+        return cls(
+            layers=tuple(entries),
+            attention=attention,
+            weight_grid=tuple(weight_grid) if weight_grid is not None else None,
+        )
 
     @property
     def bits(self) -> dict[str, tuple[int, int]]:
@@ -111,8 +116,15 @@ class QuantSpec:
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid", "ste"))
-def quantize_kernel(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], *, grid=None, ste: bool = False,
-                    hessian: Optional[jax.Array] = None) -> jax.Array:
+def quantize_kernel(
+    kernel: jax.Array,
+    bits: int,
+    out_axes: tuple[int, ...],
+    *,
+    grid=None,
+    ste: bool = False,
+    hessian: Optional[jax.Array] = None,
+) -> jax.Array:
     """Fake-quantizes a kernel per output channel (`out_axes`), clipping from a ‖Q(W) − W‖² search.
 
     With `hessian` [in, in] (XᵀX / n of the layer's inputs, `lampq_jax.apply.hessians`), the codes are
@@ -143,7 +155,9 @@ def layer_kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:
     flat = flatten_dict(dict(variables)["params"], sep="/")
     missing = [p for p in paths if f"{p}/kernel" not in flat]
     if missing:
-        raise ValueError(f"layer path(s) {missing[:5]} have no kernel in the variables (looked for 'params/<path>/kernel')")
+        raise ValueError(
+            f"layer path(s) {missing[:5]} have no kernel in the variables (looked for 'params/<path>/kernel')"
+        )
     return {p: flat[f"{p}/kernel"] for p in paths}
 
 
@@ -154,8 +168,14 @@ def with_kernels(variables: Any, kernels: Mapping[str, jax.Array]) -> Any:
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
 
 
-def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpec, *, ste: bool = False,
-                         hessians: Optional[Mapping[str, jax.Array]] = None) -> Any:
+def fake_quantize_params(
+    variables: Any,
+    layers: Sequence[Layer],
+    spec: QuantSpec,
+    *,
+    ste: bool = False,
+    hessians: Optional[Mapping[str, jax.Array]] = None,
+) -> Any:
     """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged).
 
     Layers with an entry in `hessians` {path: [in, in]} get GPTQ codes, the others round to nearest.
@@ -163,9 +183,12 @@ def fake_quantize_params(variables: Any, layers: Sequence[Layer], spec: QuantSpe
     out_axes = {l.path: l.out_axes for l in layers}
     hessians = hessians or {}
     kernels = layer_kernels(variables, [path for path, _, _ in spec.layers])
-    quantized = {path: quantize_kernel(kernels[path], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste,
-                                       hessian=hessians.get(path))
-                 for path, wb, _ in spec.layers}
+    quantized = {
+        path: quantize_kernel(
+            kernels[path], wb, tuple(out_axes[path]), grid=spec.weight_grid, ste=ste, hessian=hessians.get(path)
+        )
+        for path, wb, _ in spec.layers
+    }
     return with_kernels(variables, quantized)
 
 
@@ -207,8 +230,14 @@ class QuantPoint(NamedTuple):
     variables: Any
 
 
-def quant_point(variables: Any, layers: Sequence[Layer], spec: QuantSpec, act_params: ActivationParams, *,
-                hessians: Optional[Mapping[str, jax.Array]] = None) -> QuantPoint:
+def quant_point(
+    variables: Any,
+    layers: Sequence[Layer],
+    spec: QuantSpec,
+    act_params: ActivationParams,
+    *,
+    hessians: Optional[Mapping[str, jax.Array]] = None,
+) -> QuantPoint:
     """Fake-quantizes the kernels of `spec` once and bundles the point for Fisher / error passes."""
     return QuantPoint(spec, act_params, fake_quantize_params(variables, layers, spec, hessians=hessians))
 

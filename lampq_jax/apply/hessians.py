@@ -32,7 +32,7 @@ def _batch_grams(variables, batch, *, model, kwargs, input_axes):
 
     def on_site(site, x):
         if site in axes:
-            rows = jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - axes[site]:]))).astype(jnp.float32)
+            rows = jnp.reshape(x, (-1, math.prod(x.shape[x.ndim - axes[site] :]))).astype(jnp.float32)
             gram, count = found.get(site, (0.0, 0))  # a layer called twice adds both inputs
             found[site] = (gram + rows.T @ rows, count + rows.shape[0])
         return x
@@ -42,8 +42,15 @@ def _batch_grams(variables, batch, *, model, kwargs, input_axes):
     return found
 
 
-def input_hessians(model: nn.Module, variables: Any, images: np.ndarray, layers: Sequence[Layer], *,
-                   batch_size: int = 32, **apply_kwargs: Any) -> dict[str, np.ndarray]:
+def input_hessians(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    layers: Sequence[Layer],
+    *,
+    batch_size: int = 32,
+    **apply_kwargs: Any,
+) -> dict[str, np.ndarray]:
     """{path: H [in, in] float32} = mean of x xᵀ over every input row of the layers that GPTQ can round.
 
     Args:
@@ -61,8 +68,13 @@ def input_hessians(model: nn.Module, variables: Any, images: np.ndarray, layers:
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     for batch in batches(images, batch_size):
-        found = _batch_grams(variables, batch, model=static_module(model), kwargs=tuple(sorted(apply_kwargs.items())),
-                             input_axes=tuple(sorted(input_axes.items())))
+        found = _batch_grams(
+            variables,
+            batch,
+            model=static_module(model),
+            kwargs=tuple(sorted(apply_kwargs.items())),
+            input_axes=tuple(sorted(input_axes.items())),
+        )
         for path, (gram, rows) in jax.device_get(found).items():
             sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)
             counts[path] = counts.get(path, 0) + int(rows)

@@ -83,8 +83,10 @@ def integer_dense(
     k = math.prod(x.shape[a] for a in axis)
     n = math.prod(features)
     if tensor.matrix_shape != (k, n):
-        raise ValueError(f"layer {path!r}: the exported tensor is [K, N] = {list(tensor.matrix_shape)} but the layer "
-                         f"maps input {x.shape} over axes {axis} to features {features}, i.e. [{k}, {n}]")
+        raise ValueError(
+            f"layer {path!r}: the exported tensor is [K, N] = {list(tensor.matrix_shape)} but the layer "
+            f"maps input {x.shape} over axes {axis} to features {features}, i.e. [{k}, {n}]"
+        )
     dtype = jnp.dtype(module.dtype) if module.dtype is not None else jnp.result_type(x.dtype, tensor.dtype)
     compute = dtype if dtype in _KERNEL_DTYPES else jnp.dtype(jnp.float32)
     x2 = jnp.transpose(x, rest + axis).reshape(-1, k).astype(compute)
@@ -159,8 +161,10 @@ class IntegerModel:
         kinds = {l.path: l.kind for l in quantized.layers}
         unknown = sorted(p for p in self.tensors if p not in quantized.spec.bits)
         if unknown:
-            raise ValueError(f"tensors {unknown[:5]} are not quantized layers of the result "
-                             f"(its layers are e.g. {sorted(quantized.spec.bits)[:5]})")
+            raise ValueError(
+                f"tensors {unknown[:5]} are not quantized layers of the result "
+                f"(its layers are e.g. {sorted(quantized.spec.bits)[:5]})"
+            )
         for path, tensor in self.tensors.items():
             if not isinstance(tensor, QuantizedTensor):
                 raise TypeError(f"tensors[{path!r}] must be a QuantizedTensor, got {type(tensor).__name__}")
@@ -180,8 +184,13 @@ class IntegerModel:
             quantized = self.result.quantized
 
             def run(variables, tensors, *args):
-                interceptor = integer_interceptor(quantized.spec, quantized.act_params, tensors,
-                                                  block_sizes=self.block_sizes, interpret=self.interpret)
+                interceptor = integer_interceptor(
+                    quantized.spec,
+                    quantized.act_params,
+                    tensors,
+                    block_sizes=self.block_sizes,
+                    interpret=self.interpret,
+                )
                 with nn.intercept_methods(interceptor):
                     return quantized.model.apply(variables, *args, **kwargs)
 

@@ -53,6 +53,8 @@ def static_module(model: nn.Module) -> nn.Module:
         if not _hashable(value):
             changes[field.name] = frozen_value(value)
             if not _hashable(changes[field.name]):
-                raise TypeError(f"{type(model).__name__}.{field.name} is an unhashable {type(value).__name__}; "
-                                "jit needs the module hashable (give that field a tuple or a frozen mapping)")
+                raise TypeError(
+                    f"{type(model).__name__}.{field.name} is an unhashable {type(value).__name__}; "
+                    "jit needs the module hashable (give that field a tuple or a frozen mapping)"
+                )
     return model.clone(**changes)

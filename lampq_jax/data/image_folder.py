@@ -52,13 +52,19 @@ class Normalization:
 
     def pixel_range(self) -> tuple[float, float]:
         """(low, high) of normalized [0, 1] pixels over every channel: (min (0 − m) / s, max (1 − m) / s)."""
-        return (min((0 - m) / s for m, s in zip(self.mean, self.std)),
-                max((1 - m) / s for m, s in zip(self.mean, self.std)))
+        return (
+            min((0 - m) / s for m, s in zip(self.mean, self.std)),
+            max((1 - m) / s for m, s in zip(self.mean, self.std)),
+        )
 
 
 NORMALIZATIONS: dict[str, Normalization] = {
-    "imagenet": Normalization(name="imagenet", mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                              convention="ImageNet mean/std: timm, Hugging Face, torchvision, DINOv2"),
+    "imagenet": Normalization(
+        name="imagenet",
+        mean=(0.485, 0.456, 0.406),
+        std=(0.229, 0.224, 0.225),
+        convention="ImageNet mean/std: timm, Hugging Face, torchvision, DINOv2",
+    ),
     "minus1_1": Normalization(name="minus1_1", mean=(0.5,), std=(0.5,), convention="[-1, 1]: big_vision, Scenic"),
     "unit": Normalization(name="unit", mean=(0.0,), std=(1.0,), convention="[0, 1]"),
 }
@@ -67,8 +73,10 @@ NORMALIZATIONS: dict[str, Normalization] = {
 def get_normalization(name: str) -> Normalization:
     """The preset `name` ('imagenet', 'minus1_1' or 'unit'); a ValueError names an unknown one."""
     if name not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {name!r}; choose one of: "
-                         + "; ".join(n.describe() for n in NORMALIZATIONS.values()))
+        raise ValueError(
+            f"unknown normalization {name!r}; choose one of: "
+            + "; ".join(n.describe() for n in NORMALIZATIONS.values())
+        )
     return NORMALIZATIONS[name]
 
 
@@ -87,8 +95,10 @@ def normalize_images(images: np.ndarray, normalization: str) -> np.ndarray:
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 [N, H, W, C], got {images.dtype} of shape {images.shape}")
     if len(preset.mean) not in (1, images.shape[-1]):
-        raise ValueError(f"normalization {normalization!r} has {len(preset.mean)} channels of mean/std; the images "
-                         f"have {images.shape[-1]} channel(s)")
+        raise ValueError(
+            f"normalization {normalization!r} has {len(preset.mean)} channels of mean/std; the images "
+            f"have {images.shape[-1]} channel(s)"
+        )
     mean, std = np.asarray(preset.mean, np.float32), np.asarray(preset.std, np.float32)
     return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
 
@@ -130,8 +140,10 @@ def read_image(path: str | Path, size: int, *, channels: int = 3) -> np.ndarray:
         with Image.open(path) as image:
             image.load()
             if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                raise ValueError(f"cannot read image {path}: its pixels are {image.mode} (16-bit or float); "
-                                 "only 8-bit images are supported")
+                raise ValueError(
+                    f"cannot read image {path}: its pixels are {image.mode} (16-bit or float); "
+                    "only 8-bit images are supported"
+                )
             image = ImageOps.exif_transpose(image).convert("RGB" if channels == 3 else "L")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"cannot read image {path}: {err}") from None
@@ -143,8 +155,9 @@ def image_files(folder: str | Path) -> list[Path]:
     return sorted(f for f in Path(folder).iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_image_folder(folder: str | Path, *, size: int, normalization: str, channels: int = 3,
-                      limit: Optional[int] = None) -> tuple[np.ndarray, list[Path]]:
+def load_image_folder(
+    folder: str | Path, *, size: int, normalization: str, channels: int = 3, limit: Optional[int] = None
+) -> tuple[np.ndarray, list[Path]]:
     """The JPEG / PNG images of `folder`, resized, center-cropped and normalized.
 
     Args:
@@ -169,9 +182,12 @@ def load_image_folder(folder: str | Path, *, size: int, normalization: str, chan
     return normalize_images(raw, normalization), files
 
 
-def describe_preprocessing(folder: str | Path, num_files: int, *, size: int, normalization: str,
-                           channels: int = 3) -> str:
+def describe_preprocessing(
+    folder: str | Path, num_files: int, *, size: int, normalization: str, channels: int = 3
+) -> str:
     """One sentence naming what `load_image_folder` did, for reports."""
     mode = "RGB" if channels == 3 else "grayscale"
-    return (f"{num_files} JPEG/PNG image(s) from {folder}, {mode}, shorter side resized to {size} (bicubic) and "
-            f"center-cropped to {size}×{size}, normalized {get_normalization(normalization).describe()}")
+    return (
+        f"{num_files} JPEG/PNG image(s) from {folder}, {mode}, shorter side resized to {size} (bicubic) and "
+        f"center-cropped to {size}×{size}, normalized {get_normalization(normalization).describe()}"
+    )

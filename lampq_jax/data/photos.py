@@ -21,8 +21,17 @@ from __future__ import annotations
 
 import numpy as np
 
-CALIBRATION_SOURCES = ("astronaut", "coffee", "rocket", "hubble_deep_field", "stereo_motorcycle", "camera", "coins",
-                       "brick", "grass")
+CALIBRATION_SOURCES = (
+    "astronaut",
+    "coffee",
+    "rocket",
+    "hubble_deep_field",
+    "stereo_motorcycle",
+    "camera",
+    "coins",
+    "brick",
+    "grass",
+)
 EVALUATION_SOURCES = ("chelsea", "immunohistochemistry", "retina", "clock", "moon", "gravel", "cell", "page")
 SPLITS = {"calibration": CALIBRATION_SOURCES, "evaluation": EVALUATION_SOURCES}
 
@@ -52,7 +61,7 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     side = int(round(min(height, width) * rng.uniform(0.35, 1.0)))
     top = int(rng.integers(0, height - side + 1))
     left = int(rng.integers(0, width - side + 1))
-    crop = image[top:top + side, left:left + side]
+    crop = image[top : top + side, left : left + side]
     if rng.random() < 0.5:
         crop = crop[:, ::-1]
     return np.asarray(Image.fromarray(np.ascontiguousarray(crop)).resize((size, size), Image.BICUBIC))

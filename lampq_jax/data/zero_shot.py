@@ -125,8 +125,9 @@ def balanced_labels(key: jax.Array, num_images: int, num_classes: int) -> jax.Ar
     return jax.random.permutation(key, jnp.arange(num_images) % num_classes)
 
 
-def attention_outputs(model: nn.Module, variables: Any, images: jax.Array,
-                      **apply_kwargs: Any) -> tuple[jax.Array, list[jax.Array]]:
+def attention_outputs(
+    model: nn.Module, variables: Any, images: jax.Array, **apply_kwargs: Any
+) -> tuple[jax.Array, list[jax.Array]]:
     """(model output, [each nn.MultiHeadDotProductAttention's output [N, T, D], in call order])."""
     outputs: list[jax.Array] = []
 
@@ -141,9 +142,18 @@ def attention_outputs(model: nn.Module, variables: Any, images: jax.Array,
     return result, outputs
 
 
-def synthesis_loss(model: nn.Module, variables: Any, images: jax.Array, labels: Optional[jax.Array], *,
-                   entropy_weight: float, ce_weight: float, tv_weight: float, kde_points: int,
-                   **apply_kwargs: Any) -> tuple[jax.Array, dict[str, jax.Array]]:
+def synthesis_loss(
+    model: nn.Module,
+    variables: Any,
+    images: jax.Array,
+    labels: Optional[jax.Array],
+    *,
+    entropy_weight: float,
+    ce_weight: float,
+    tv_weight: float,
+    kde_points: int,
+    **apply_kwargs: Any,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(L, {'entropy', 'ce', 'tv'}) of images [N, ...] (see the module docstring); labels None: no CE term."""
     out, blocks = attention_outputs(model, variables, images, **apply_kwargs)
     entropy_fn = jax.checkpoint(lambda t: patch_similarity_entropy(t, kde_points=kde_points))
@@ -171,14 +181,19 @@ def _check_fits(model, variables, image_shape, output, apply_kwargs) -> tuple[in
     try:
         out = jax.eval_shape(run, variables, jnp.zeros((2, *image_shape), jnp.float32))
     except Exception as err:  # the model's own shape error, re-raised with the value the user gave
-        raise ValueError(f"image_shape {tuple(image_shape)} does not fit the model: {type(err).__name__}: {err}") \
-            from err
+        raise ValueError(
+            f"image_shape {tuple(image_shape)} does not fit the model: {type(err).__name__}: {err}"
+        ) from err
     if not hasattr(out, "shape") or len(out.shape) != 2:
-        raise ValueError(f"zero-shot synthesis needs a model output [batch, {output}], got "
-                         f"{getattr(out, 'shape', type(out).__name__)} for image_shape {tuple(image_shape)}")
+        raise ValueError(
+            f"zero-shot synthesis needs a model output [batch, {output}], got "
+            f"{getattr(out, 'shape', type(out).__name__)} for image_shape {tuple(image_shape)}"
+        )
     if not block_shapes:
-        raise ValueError("the model calls no nn.MultiHeadDotProductAttention, so it has no patch-similarity "
-                         "entropy to maximize; zero-shot synthesis needs attention blocks")
+        raise ValueError(
+            "the model calls no nn.MultiHeadDotProductAttention, so it has no patch-similarity "
+            "entropy to maximize; zero-shot synthesis needs attention blocks"
+        )
     for shape in block_shapes:
         if len(shape) != 3 or shape[1] < 2:
             raise ValueError(f"an attention output has shape {shape}; expected [batch, tokens >= 2, dim]")
@@ -251,13 +266,16 @@ def synthesize_calibration(
         raise ValueError(f"pixel_range must be (low, high) with low < high, got {pixel_range}")
     _, num_classes = _check_fits(model, variables, image_shape, output, apply_kwargs)
     optimizer = optax.adam(lr) if optimizer is None else optimizer
-    weights = dict(entropy_weight=entropy_weight, ce_weight=ce_weight if output == "logits" else 0.0,
-                   tv_weight=tv_weight, kde_points=kde_points)
+    weights = dict(
+        entropy_weight=entropy_weight,
+        ce_weight=ce_weight if output == "logits" else 0.0,
+        tv_weight=tv_weight,
+        kde_points=kde_points,
+    )
 
     def loss_fn(x, labels, key):
         view = random_view(x, key, jitter=jitter, flip=flip)
-        return synthesis_loss(model, variables, view, labels if output == "logits" else None, **weights,
-                              **apply_kwargs)
+        return synthesis_loss(model, variables, view, labels if output == "logits" else None, **weights, **apply_kwargs)
 
     @jax.jit
     def step(x, opt_state, labels, key):
@@ -280,15 +298,16 @@ def synthesize_calibration(
         x, group_labels = images[start:stop], labels[start:stop]
         opt_state = optimizer.init(x)
         for k in range(steps):
-            x, opt_state, parts, finite = step(x, opt_state, group_labels,
-                                               jax.random.fold_in(step_key, g * steps + k))
+            x, opt_state, parts, finite = step(x, opt_state, group_labels, jax.random.fold_in(step_key, g * steps + k))
             parts, finite = jax.device_get((parts, finite))
             parts = {name: float(v) for name, v in parts.items()}
             if not (finite and all(np.isfinite(v) for v in parts.values())):
                 bar.close()
-                raise ValueError(f"zero-shot synthesis diverged at step {k + 1} of {steps} (images {start}–{stop - 1}):"
-                                 f" loss parts {parts}, pixels finite: {bool(finite)}; lower lr (now {lr}) or the "
-                                 "loss weights")
+                raise ValueError(
+                    f"zero-shot synthesis diverged at step {k + 1} of {steps} (images {start}–{stop - 1}):"
+                    f" loss parts {parts}, pixels finite: {bool(finite)}; lower lr (now {lr}) or the "
+                    "loss weights"
+                )
             if callback is not None:
                 callback(g * steps + k + 1, parts)
             bar.set_postfix(loss=f"{parts['loss']:.3f}", H=f"{parts['entropy']:.3f}")
@@ -301,15 +320,30 @@ def synthesize_calibration(
     return result
 
 
-def synthesize_from_config(model: nn.Module, variables: Any, config: ZeroShotConfig, *, output: str = "logits",
-                           **apply_kwargs: Any) -> np.ndarray:
+def synthesize_from_config(
+    model: nn.Module, variables: Any, config: ZeroShotConfig, *, output: str = "logits", **apply_kwargs: Any
+) -> np.ndarray:
     """`synthesize_calibration` with the settings of a `ZeroShotConfig` (its `output`, if set, wins)."""
     output = config.output or output
     if config.image_shape is None:
         raise ValueError("ZeroShotConfig.image_shape is required, e.g. ZeroShotConfig(image_shape=(224, 224, 3))")
     return synthesize_calibration(
-        model, variables, config.num_images, config.image_shape, steps=config.steps,
-        rng=jax.random.key(config.seed), output=output, lr=config.lr, entropy_weight=config.entropy_weight,
-        ce_weight=config.ce_weight, tv_weight=config.tv_weight, jitter=config.jitter, flip=config.flip,
-        pixel_range=config.pixel_range, kde_points=config.kde_points, group_size=config.group_size,
-        progress=config.progress, **apply_kwargs)
+        model,
+        variables,
+        config.num_images,
+        config.image_shape,
+        steps=config.steps,
+        rng=jax.random.key(config.seed),
+        output=output,
+        lr=config.lr,
+        entropy_weight=config.entropy_weight,
+        ce_weight=config.ce_weight,
+        tv_weight=config.tv_weight,
+        jitter=config.jitter,
+        flip=config.flip,
+        pixel_range=config.pixel_range,
+        kde_points=config.kde_points,
+        group_size=config.group_size,
+        progress=config.progress,
+        **apply_kwargs,
+    )

@@ -27,8 +27,15 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lampq_jax.kernels.tiling import (BlockSizes, canonical_backend, compiler_params, fit_block,
-                                      next_power_of_two, resolve_interpret, round_up)
+from lampq_jax.kernels.tiling import (
+    BlockSizes,
+    canonical_backend,
+    compiler_params,
+    fit_block,
+    next_power_of_two,
+    resolve_interpret,
+    round_up,
+)
 
 _OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -40,50 +47,48 @@ _DEFAULT_BLOCK_SIZES = {
 
 
 def default_block_sizes(backend: str | None = None) -> BlockSizes:
-  """Default ``BlockSizes`` for ``"tpu"``, ``"gpu"`` or ``"cpu"`` (default: JAX's backend)."""
-  return _DEFAULT_BLOCK_SIZES[canonical_backend(backend)]
+    """Default ``BlockSizes`` for ``"tpu"``, ``"gpu"`` or ``"cpu"`` (default: JAX's backend)."""
+    return _DEFAULT_BLOCK_SIZES[canonical_backend(backend)]
 
 
 def int8_matmul_kernel(x_ref, w_ref, x_scale_ref, w_scale_ref, o_ref, *, num_k_blocks, block_k):
-  """One ``[block_m, block_n]`` output tile.
+    """One ``[block_m, block_n]`` output tile.
 
-  Refs (block shapes): ``x_ref int8 [num_k_blocks, block_m, block_k]``, ``w_ref int8
-  [K, block_n]``, ``x_scale_ref f32 [block_m, 1]``, ``w_scale_ref f32 [1, block_n]``,
-  ``o_ref [block_m, block_n]``.
-  """
-  block_m, block_n = o_ref.shape
+    Refs (block shapes): ``x_ref int8 [num_k_blocks, block_m, block_k]``, ``w_ref int8
+    [K, block_n]``, ``x_scale_ref f32 [block_m, 1]``, ``w_scale_ref f32 [1, block_n]``,
+    ``o_ref [block_m, block_n]``.
+    """
+    block_m, block_n = o_ref.shape
 
-  def body(kb, acc):
-    start = pl.multiple_of(kb * block_k, block_k)
-    xs = x_ref[kb]  # [block_m, block_k]
-    ws = w_ref[pl.ds(start, block_k), :]  # [block_k, block_n]
-    return acc + jnp.dot(xs, ws, preferred_element_type=jnp.int32)
+    def body(kb, acc):
+        start = pl.multiple_of(kb * block_k, block_k)
+        xs = x_ref[kb]  # [block_m, block_k]
+        ws = w_ref[pl.ds(start, block_k), :]  # [block_k, block_n]
+        return acc + jnp.dot(xs, ws, preferred_element_type=jnp.int32)
 
-  acc = lax.fori_loop(0, num_k_blocks, body, jnp.zeros((block_m, block_n), jnp.int32))
-  out = acc.astype(jnp.float32) * x_scale_ref[...] * w_scale_ref[...]
-  o_ref[...] = out.astype(o_ref.dtype)
+    acc = lax.fori_loop(0, num_k_blocks, body, jnp.zeros((block_m, block_n), jnp.int32))
+    out = acc.astype(jnp.float32) * x_scale_ref[...] * w_scale_ref[...]
+    o_ref[...] = out.astype(o_ref.dtype)
 
 
 def _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype):
-  if x_codes.ndim != 2 or w_codes.ndim != 2:
-    raise ValueError(f"x_codes must be [M, K] and w_codes [K, N], got shapes {x_codes.shape} "
-                     f"and {w_codes.shape}")
-  for name, a in (("x_codes", x_codes), ("w_codes", w_codes)):
-    if a.dtype != jnp.int8:
-      raise ValueError(f"{name} must be int8, got dtype {a.dtype}")
-  (m, k), (k2, n) = x_codes.shape, w_codes.shape
-  if k != k2:
-    raise ValueError(f"K of x_codes {x_codes.shape} and w_codes {w_codes.shape} differ: "
-                     f"{k} != {k2}")
-  if tuple(x_scale.shape) != (m, 1):
-    raise ValueError(f"x_scale must have shape ({m}, 1), got {tuple(x_scale.shape)}")
-  if tuple(w_scale.shape) != (1, n):
-    raise ValueError(f"w_scale must have shape (1, {n}), got {tuple(w_scale.shape)}")
-  for name, a in (("x_scale", x_scale), ("w_scale", w_scale)):
-    if not jnp.issubdtype(a.dtype, jnp.floating):
-      raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
-  if jnp.dtype(out_dtype) not in _OUT_DTYPES:
-    raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
+    if x_codes.ndim != 2 or w_codes.ndim != 2:
+        raise ValueError(f"x_codes must be [M, K] and w_codes [K, N], got shapes {x_codes.shape} and {w_codes.shape}")
+    for name, a in (("x_codes", x_codes), ("w_codes", w_codes)):
+        if a.dtype != jnp.int8:
+            raise ValueError(f"{name} must be int8, got dtype {a.dtype}")
+    (m, k), (k2, n) = x_codes.shape, w_codes.shape
+    if k != k2:
+        raise ValueError(f"K of x_codes {x_codes.shape} and w_codes {w_codes.shape} differ: {k} != {k2}")
+    if tuple(x_scale.shape) != (m, 1):
+        raise ValueError(f"x_scale must have shape ({m}, 1), got {tuple(x_scale.shape)}")
+    if tuple(w_scale.shape) != (1, n):
+        raise ValueError(f"w_scale must have shape (1, {n}), got {tuple(w_scale.shape)}")
+    for name, a in (("x_scale", x_scale), ("w_scale", w_scale)):
+        if not jnp.issubdtype(a.dtype, jnp.floating):
+            raise ValueError(f"{name} must be a float array, got dtype {a.dtype}")
+    if jnp.dtype(out_dtype) not in _OUT_DTYPES:
+        raise ValueError(f"out_dtype must be float32 or bfloat16, got {out_dtype}")
 
 
 def int8_matmul(
@@ -97,76 +102,80 @@ def int8_matmul(
     interpret: bool | None = None,
     backend: str | None = None,
 ) -> jax.Array:
-  """``(x_codes @ w_codes) * x_scale * w_scale`` with int32 accumulation, as a Pallas kernel.
+    """``(x_codes @ w_codes) * x_scale * w_scale`` with int32 accumulation, as a Pallas kernel.
 
-  Args:
-    x_codes: int8 ``[M, K]``; x_scale: float ``[M, 1]``.
-    w_codes: int8 ``[K, N]``; w_scale: float ``[1, N]``.
-    block_sizes: upper bounds on the tiles; default ``default_block_sizes()`` for the backend.
-    out_dtype: float32 (default) or bfloat16.
-    interpret: Pallas interpret mode; default True on CPU, else False.
-    backend: ``"tpu"``, ``"gpu"`` or ``"cpu"`` for the defaults and the lowering (Triton on
-      GPU, Mosaic on TPU); default JAX's backend.
+    Args:
+      x_codes: int8 ``[M, K]``; x_scale: float ``[M, 1]``.
+      w_codes: int8 ``[K, N]``; w_scale: float ``[1, N]``.
+      block_sizes: upper bounds on the tiles; default ``default_block_sizes()`` for the backend.
+      out_dtype: float32 (default) or bfloat16.
+      interpret: Pallas interpret mode; default True on CPU, else False.
+      backend: ``"tpu"``, ``"gpu"`` or ``"cpu"`` for the defaults and the lowering (Triton on
+        GPU, Mosaic on TPU); default JAX's backend.
 
-  Returns:
-    ``[M, N]`` of ``out_dtype``.
+    Returns:
+      ``[M, N]`` of ``out_dtype``.
 
-  Raises:
-    ValueError: wrong ranks, dtypes or shapes (the message gives the values).
-  """
-  x_codes, x_scale = jnp.asarray(x_codes), jnp.asarray(x_scale)
-  w_codes, w_scale = jnp.asarray(w_codes), jnp.asarray(w_scale)
-  _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype)
-  backend = canonical_backend(backend)
-  if block_sizes is None:
-    block_sizes = default_block_sizes(backend)
-  elif not isinstance(block_sizes, BlockSizes):
-    raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
-  if x_codes.shape[0] == 0:
-    return jnp.zeros((0, w_codes.shape[1]), out_dtype)
-  return _int8_matmul(
-      x_codes, x_scale.astype(jnp.float32), w_codes, w_scale.astype(jnp.float32),
-      block_sizes=block_sizes, out_dtype=jnp.dtype(out_dtype),
-      interpret=resolve_interpret(interpret), backend=backend)
+    Raises:
+      ValueError: wrong ranks, dtypes or shapes (the message gives the values).
+    """
+    x_codes, x_scale = jnp.asarray(x_codes), jnp.asarray(x_scale)
+    w_codes, w_scale = jnp.asarray(w_codes), jnp.asarray(w_scale)
+    _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype)
+    backend = canonical_backend(backend)
+    if block_sizes is None:
+        block_sizes = default_block_sizes(backend)
+    elif not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    if x_codes.shape[0] == 0:
+        return jnp.zeros((0, w_codes.shape[1]), out_dtype)
+    return _int8_matmul(
+        x_codes,
+        x_scale.astype(jnp.float32),
+        w_codes,
+        w_scale.astype(jnp.float32),
+        block_sizes=block_sizes,
+        out_dtype=jnp.dtype(out_dtype),
+        interpret=resolve_interpret(interpret),
+        backend=backend,
+    )
 
 
-@functools.partial(
-    jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret", "backend"))
-def _int8_matmul(x_codes, x_scale, w_codes, w_scale, *, block_sizes, out_dtype, interpret,
-                 backend):
-  (m, k), n = x_codes.shape, w_codes.shape[1]
-  bs = block_sizes
-  # int8 tiles are (32, 128) on TPU and Triton's int8 dot wants >= 32 rows: floor M at 32.
-  block_m = min(bs.block_m, max(min(bs.block_m, 32), next_power_of_two(m)))
-  m_pad = round_up(m, block_m)
-  block_n, n_pad = fit_block(n, bs.block_n, 128)
-  block_k, k_pad = fit_block(k, bs.block_k, 128)
-  num_k_blocks = k_pad // block_k
+@functools.partial(jax.jit, static_argnames=("block_sizes", "out_dtype", "interpret", "backend"))
+def _int8_matmul(x_codes, x_scale, w_codes, w_scale, *, block_sizes, out_dtype, interpret, backend):
+    (m, k), n = x_codes.shape, w_codes.shape[1]
+    bs = block_sizes
+    # int8 tiles are (32, 128) on TPU and Triton's int8 dot wants >= 32 rows: floor M at 32.
+    block_m = min(bs.block_m, max(min(bs.block_m, 32), next_power_of_two(m)))
+    m_pad = round_up(m, block_m)
+    block_n, n_pad = fit_block(n, bs.block_n, 128)
+    block_k, k_pad = fit_block(k, bs.block_k, 128)
+    num_k_blocks = k_pad // block_k
 
-  x = jnp.pad(x_codes, ((0, m_pad - m), (0, k_pad - k)))
-  x = x.reshape(m_pad, num_k_blocks, block_k).transpose(1, 0, 2)  # [kb, M, block_k]
-  x_scale = jnp.pad(x_scale, ((0, m_pad - m), (0, 0)))
-  w = w_codes
-  if (k_pad, n_pad) != (k, n):
-    w = jnp.pad(w_codes, ((0, k_pad - k), (0, n_pad - n)))
-  w_scale = jnp.pad(w_scale, ((0, 0), (0, n_pad - n)))
+    x = jnp.pad(x_codes, ((0, m_pad - m), (0, k_pad - k)))
+    x = x.reshape(m_pad, num_k_blocks, block_k).transpose(1, 0, 2)  # [kb, M, block_k]
+    x_scale = jnp.pad(x_scale, ((0, m_pad - m), (0, 0)))
+    w = w_codes
+    if (k_pad, n_pad) != (k, n):
+        w = jnp.pad(w_codes, ((0, k_pad - k), (0, n_pad - n)))
+    w_scale = jnp.pad(w_scale, ((0, 0), (0, n_pad - n)))
 
-  out = pl.pallas_call(
-      functools.partial(int8_matmul_kernel, num_k_blocks=num_k_blocks, block_k=block_k),
-      out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
-      grid=(m_pad // block_m, n_pad // block_n),
-      in_specs=[
-          pl.BlockSpec((num_k_blocks, block_m, block_k), lambda i, j: (0, i, 0)),
-          pl.BlockSpec((k_pad, block_n), lambda i, j: (0, j)),
-          pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
-          pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
-      ],
-      out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
-      interpret=interpret,
-      compiler_params=None if interpret else compiler_params(backend),
-      name="int8_matmul",
-  )(x, w, x_scale, w_scale)
-  return out[:m, :n]
+    out = pl.pallas_call(
+        functools.partial(int8_matmul_kernel, num_k_blocks=num_k_blocks, block_k=block_k),
+        out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), out_dtype),
+        grid=(m_pad // block_m, n_pad // block_n),
+        in_specs=[
+            pl.BlockSpec((num_k_blocks, block_m, block_k), lambda i, j: (0, i, 0)),
+            pl.BlockSpec((k_pad, block_n), lambda i, j: (0, j)),
+            pl.BlockSpec((block_m, 1), lambda i, j: (i, 0)),
+            pl.BlockSpec((1, block_n), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
+        interpret=interpret,
+        compiler_params=None if interpret else compiler_params(backend),
+        name="int8_matmul",
+    )(x, w, x_scale, w_scale)
+    return out[:m, :n]
 
 
 def int8_matmul_reference(
@@ -177,34 +186,33 @@ def int8_matmul_reference(
     *,
     out_dtype: jax.typing.DTypeLike = jnp.float32,
 ) -> jax.Array:
-  """Pure-jnp ``(x_codes @ w_codes) * x_scale * w_scale``: int32 dot, float32 scaling."""
-  x_codes, x_scale = jnp.asarray(x_codes), jnp.asarray(x_scale)
-  w_codes, w_scale = jnp.asarray(w_codes), jnp.asarray(w_scale)
-  _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype)
-  return _int8_matmul_reference(x_codes, x_scale, w_codes, w_scale, out_dtype=jnp.dtype(out_dtype))
+    """Pure-jnp ``(x_codes @ w_codes) * x_scale * w_scale``: int32 dot, float32 scaling."""
+    x_codes, x_scale = jnp.asarray(x_codes), jnp.asarray(x_scale)
+    w_codes, w_scale = jnp.asarray(w_codes), jnp.asarray(w_scale)
+    _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype)
+    return _int8_matmul_reference(x_codes, x_scale, w_codes, w_scale, out_dtype=jnp.dtype(out_dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype",))
 def _int8_matmul_reference(x_codes, x_scale, w_codes, w_scale, *, out_dtype):
-  acc = jnp.dot(x_codes.astype(jnp.int32), w_codes.astype(jnp.int32),
-                preferred_element_type=jnp.int32)
-  out = acc.astype(jnp.float32) * x_scale.astype(jnp.float32) * w_scale.astype(jnp.float32)
-  return out.astype(out_dtype)
+    acc = jnp.dot(x_codes.astype(jnp.int32), w_codes.astype(jnp.int32), preferred_element_type=jnp.int32)
+    out = acc.astype(jnp.float32) * x_scale.astype(jnp.float32) * w_scale.astype(jnp.float32)
+    return out.astype(out_dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("axis",))
 def quantize_int8_symmetric(a: jax.typing.ArrayLike, axis: int) -> tuple[jax.Array, jax.Array]:
-  """Symmetric int8 codes and scales, one scale per slice along ``axis`` (reduced, kept).
+    """Symmetric int8 codes and scales, one scale per slice along ``axis`` (reduced, kept).
 
-  ``scale = max|a| / 127`` over ``axis`` (1 where the slice is all zero),
-  ``codes = clip(round(a / scale), -127, 127)``. For activations ``x [M, K]`` use ``axis=1``
-  (scale ``[M, 1]``); for weights ``w [K, N]`` use ``axis=0`` (scale ``[1, N]``).
-  """
-  a = jnp.asarray(a, jnp.float32)
-  amax = jnp.max(jnp.abs(a), axis=axis, keepdims=True)
-  scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-  codes = jnp.clip(jnp.round(a / scale), -127, 127).astype(jnp.int8)
-  return codes, scale
+    ``scale = max|a| / 127`` over ``axis`` (1 where the slice is all zero),
+    ``codes = clip(round(a / scale), -127, 127)``. For activations ``x [M, K]`` use ``axis=1``
+    (scale ``[M, 1]``); for weights ``w [K, N]`` use ``axis=0`` (scale ``[1, N]``).
+    """
+    a = jnp.asarray(a, jnp.float32)
+    amax = jnp.max(jnp.abs(a), axis=axis, keepdims=True)
+    scale = jnp.where(amax > 0, amax / 127.0, 1.0)
+    codes = jnp.clip(jnp.round(a / scale), -127, 127).astype(jnp.int8)
+    return codes, scale
 
 
 __all__ = [

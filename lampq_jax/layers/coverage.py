@@ -21,8 +21,9 @@ NO_ATTENTION_LINE = "attention matmuls are not quantized: no nn.MultiHeadDotProd
 ATTENTION_SITES: tuple[str, ...] = ("q", "k", "v", "softmax")
 
 
-def quantization_coverage(layers: Sequence[Layer], attention_paths: Sequence[str],
-                          rules: Sequence[TypeRule] = ()) -> dict[str, Any]:
+def quantization_coverage(
+    layers: Sequence[Layer], attention_paths: Sequence[str], rules: Sequence[TypeRule] = ()
+) -> dict[str, Any]:
     """A JSON-serializable summary of what a run quantizes.
 
     Args:
@@ -64,18 +65,25 @@ def coverage_lines(coverage: dict[str, Any], limit: int = 8) -> list[str]:
     lines = ["layers by type: " + ", ".join(f"{t} {len(p)}" for t, p in by_type.items()) + f" ({total} layers)"]
     other = coverage["other_layers"]
     if other:
-        lines.append(f"layers left as 'other' (no type rule matched; one type for all of them in the metric): "
-                     f"{len(other)}: {_listed(other, limit)}")
+        lines.append(
+            f"layers left as 'other' (no type rule matched; one type for all of them in the metric): "
+            f"{len(other)}: {_listed(other, limit)}"
+        )
     else:
         lines.append("layers left as 'other': none")
     sites = coverage["attention_sites"]
     if sites:
         paths = list(dict.fromkeys(s.rsplit("/", 1)[0] for s in sites))
-        lines.append(f"attention matmuls quantized at {len(sites)} sites ({', '.join(ATTENTION_SITES)} of "
-                     f"{len(paths)} nn.MultiHeadDotProductAttention): {_listed(paths, limit)}")
+        lines.append(
+            f"attention matmuls quantized at {len(sites)} sites ({', '.join(ATTENTION_SITES)} of "
+            f"{len(paths)} nn.MultiHeadDotProductAttention): {_listed(paths, limit)}"
+        )
     else:
         lines.append(NO_ATTENTION_LINE)
     rules = [tuple(r) for r in coverage["type_rules"]]
-    lines.append(f"type rules: user rules {rules} tried before the built-in ones" if rules
-                 else "type rules: built-in only (Scenic, big_vision, timm, Hugging Face)")
+    lines.append(
+        f"type rules: user rules {rules} tried before the built-in ones"
+        if rules
+        else "type rules: built-in only (Scenic, big_vision, timm, Hugging Face)"
+    )
     return lines

@@ -196,8 +196,9 @@ def _put_modules(out: dict[str, Any], prefix: str, parts: Mapping[str, Mapping[s
             out[f"{prefix}{module}/{name}"] = value
 
 
-def _put_top(out: dict[str, Any], flat: Mapping[str, Any], *, norm: str, pre_logits: Optional[str],
-             head: Optional[str]) -> tuple[Optional[int], Optional[int]]:
+def _put_top(
+    out: dict[str, Any], flat: Mapping[str, Any], *, norm: str, pre_logits: Optional[str], head: Optional[str]
+) -> tuple[Optional[int], Optional[int]]:
     """Adds encoder_norm, pre_logits and output_projection from torch keys '<prefix>.weight/.bias'.
 
     Returns (representation_size, num_classes), None for a part that is absent.
@@ -537,7 +538,8 @@ def from_timm(
             parts["LayerScale_1"] = {"scale": flat[f"{b}ls2.gamma"]}
         _put_modules(out, s, parts)
     representation_size, num_classes = _put_top(
-        out, flat, norm="norm", pre_logits="pre_logits.fc" if pre_logits else None, head="head" if head else None)
+        out, flat, norm="norm", pre_logits="pre_logits.fc" if pre_logits else None, head="head" if head else None
+    )
 
     config = dict(
         num_classes=num_classes,
@@ -743,8 +745,12 @@ def from_huggingface(
             parts["LayerScale_1"] = {"scale": flat[f"{b}layer_scale2.lambda1"]}
         _put_modules(out, s, parts)
     representation_size, num_classes = _put_top(
-        out, flat, norm="layernorm", pre_logits="pooler.dense" if pooler else None,
-        head="classifier" if classifier else None)
+        out,
+        flat,
+        norm="layernorm",
+        pre_logits="pooler.dense" if pooler else None,
+        head="classifier" if classifier else None,
+    )
 
     config_out = dict(
         num_classes=num_classes,

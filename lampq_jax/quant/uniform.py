@@ -234,9 +234,7 @@ def fake_quant(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "dtype"))
-def _fake_quant(
-    x: jax.Array, scale: jax.Array, zero_point: jax.Array, *, levels: float, dtype: jnp.dtype
-) -> jax.Array:
+def _fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *, levels: float, dtype: jnp.dtype) -> jax.Array:
     return _fake_quant_levels(x, scale, zero_point, levels).astype(dtype)
 
 

@@ -28,8 +28,15 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lampq_jax.apply.calibration import check_images
-from lampq_jax.apply.data_parallel import (batch_spec, is_parallel, pad_to_multiple, replicate, resolve_mesh,
-                                           shard_batch, shard_map_compat)
+from lampq_jax.apply.data_parallel import (
+    batch_spec,
+    is_parallel,
+    pad_to_multiple,
+    replicate,
+    resolve_mesh,
+    shard_batch,
+    shard_map_compat,
+)
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels, with_kernels
 from lampq_jax.apply.sites import site_interceptor
@@ -85,10 +92,25 @@ def _adder(perturbations: dict[str, jax.Array]):
     return add
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh",
-                                             "num_samples"))
-def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits, *, model, kwargs, batch_size,
-                 likelihood, quantized, mesh, num_samples):
+@functools.partial(
+    jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh", "num_samples")
+)
+def _fisher_pass(
+    variables,
+    kernels,
+    zeros,
+    images,
+    targets,
+    state: DynamicBits,
+    *,
+    model,
+    kwargs,
+    batch_size,
+    likelihood,
+    quantized,
+    mesh,
+    num_samples,
+):
     """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) of the first `num_samples`
     samples; with a `mesh` of several devices each maps its own slice of the samples (`shard_map`)."""
 
@@ -96,8 +118,9 @@ def _fisher_pass(variables, kernels, zeros, images, targets, state: DynamicBits,
         if quantized:
             interceptor = dynamic_interceptor(state, ste=True, on_input=_adder(perturbations))
         else:
-            interceptor = site_interceptor(_adder(perturbations), layer_paths=frozenset(perturbations),
-                                           attention_paths=frozenset())
+            interceptor = site_interceptor(
+                _adder(perturbations), layer_paths=frozenset(perturbations), attention_paths=frozenset()
+            )
         with nn.intercept_methods(interceptor):
             return model.apply(with_kernels(variables, kernels), x, **dict(kwargs))
 
@@ -183,10 +206,23 @@ def fisher_traces(
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
     if is_parallel(mesh):
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
-    weight, activation = jax.device_get(_fisher_pass(
-        variables, kernels, zeros, shard_batch(images, mesh), shard_batch(targets, mesh), state, model=static_module(model),
-        kwargs=kwargs, batch_size=min(batch_size, num_samples), likelihood=likelihood, quantized=quant is not None,
-        mesh=mesh if is_parallel(mesh) else None, num_samples=num_samples))
+    weight, activation = jax.device_get(
+        _fisher_pass(
+            variables,
+            kernels,
+            zeros,
+            shard_batch(images, mesh),
+            shard_batch(targets, mesh),
+            state,
+            model=static_module(model),
+            kwargs=kwargs,
+            batch_size=min(batch_size, num_samples),
+            likelihood=likelihood,
+            quantized=quant is not None,
+            mesh=mesh if is_parallel(mesh) else None,
+            num_samples=num_samples,
+        )
+    )
     # The means over samples are taken here in float64, so that they do not depend on how samples were split.
     return FisherTraces(
         weight={p: float(np.mean(np.asarray(weight[p], np.float64))) for p in paths},

@@ -53,8 +53,10 @@ def _batch_activation_errors(variables, tables, state: DynamicBits, batch, *, mo
     def record(site, x):
         if site in paths:
             per_image = lambda e: jnp.sum(e.astype(jnp.float32), axis=tuple(range(1, e.ndim)))
-            errs = [per_image(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x))
-                    for b in candidates]
+            errs = [
+                per_image(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x))
+                for b in candidates
+            ]
             found[site] = jnp.stack(errs, axis=-1)
         return x
 
@@ -96,9 +98,16 @@ def activation_errors(
     mesh = resolve_mesh(mesh)
     variables, state = replicate((variables, state), mesh)
     for batch in batches(images, batch_size, mesh):
-        found = _batch_activation_errors(variables, tables, state, batch, model=static_module(model),
-                                         kwargs=tuple(sorted(apply_kwargs.items())), paths=paths,
-                                         candidates=tuple(candidates))
+        found = _batch_activation_errors(
+            variables,
+            tables,
+            state,
+            batch,
+            model=static_module(model),
+            kwargs=tuple(sorted(apply_kwargs.items())),
+            paths=paths,
+            candidates=tuple(candidates),
+        )
         for site, errs in jax.device_get(found).items():
             total[site] += np.sum(np.asarray(errs, np.float64), axis=0)  # per image, in order: split-independent
     return np.stack([total[p] / images.shape[0] for p in paths])

@@ -87,8 +87,13 @@ def brute_force(p, budget):
 def solve(p, budget, **kw):
     kw.setdefault("mip_gap", 0.0)
     return allocate_bits(
-        p["cost"], p["weight_bits"], p["act_bits"], budget=budget, allowed=p["allowed"],
-        **counts(p), **kw,
+        p["cost"],
+        p["weight_bits"],
+        p["act_bits"],
+        budget=budget,
+        allowed=p["allowed"],
+        **counts(p),
+        **kw,
     )
 
 
@@ -163,7 +168,7 @@ def test_separate_weight_and_activation_pairs():
 def test_allowed_mask_fixes_items():
     rng = np.random.default_rng(0)
     n, bits = 40, np.array([2, 3, 4, 5, 6, 8])
-    cost = rng.lognormal(size=(n, 1)) * 4.0 ** -bits
+    cost = rng.lognormal(size=(n, 1)) * 4.0**-bits
     allowed = np.ones((n, 6), dtype=bool)
     allowed[0] = bits == 8  # fixed by the user
     allowed[1] = bits == 2
@@ -172,8 +177,12 @@ def test_allowed_mask_fixes_items():
     cost[~allowed] = np.nan  # ignored where not allowed
     for solver in ("highs", "scipy"):
         result = allocate_bits(
-            cost, bits, num_weights=rng.integers(100, 1000, n), budget=Budget(avg_bits=4.0),
-            allowed=allowed, solver=solver,
+            cost,
+            bits,
+            num_weights=rng.integers(100, 1000, n),
+            budget=Budget(avg_bits=4.0),
+            allowed=allowed,
+            solver=solver,
         )
         assert result.weight_bits[0] == 8 and result.weight_bits[1] == 2
         assert (result.weight_bits[2:10] >= 4).all() and (result.weight_bits[10:20] <= 5).all()
@@ -182,7 +191,7 @@ def test_allowed_mask_fixes_items():
 def test_budgets_met_and_gap_on_a_larger_problem():
     rng = np.random.default_rng(1)
     n, bits = 60, np.array([2, 3, 4, 5, 6, 8])
-    cost = rng.lognormal(size=(n, 1)) * 4.0 ** -bits * rng.uniform(0.5, 1.5, size=(n, 6))
+    cost = rng.lognormal(size=(n, 1)) * 4.0**-bits * rng.uniform(0.5, 1.5, size=(n, 6))
     nw, macs, scales = rng.integers(10_000, 1_000_000, n), rng.integers(10**6, 10**8, n), np.full(n, 64)
     budget = Budget(avg_bits=4.0, bops=bops_budget(macs, 4.0), model_bytes=float(nw.sum() * 4.2 / 8))
     counts = dict(num_weights=nw, macs=macs, scale_bytes=scales)
@@ -198,6 +207,7 @@ def test_many_items_take_the_lp_shortcut(monkeypatch):
     """With thousands of items the rounded LP solution is within the gap: no branch and bound."""
     built = []
     original = ilp._highs_with_model
+
     def spy(*args, **kwargs):
         built.append(kwargs["integer"])
         return original(*args, **kwargs)
@@ -205,7 +215,7 @@ def test_many_items_take_the_lp_shortcut(monkeypatch):
     monkeypatch.setattr(ilp, "_highs_with_model", spy)
     rng = np.random.default_rng(2)
     n, bits = 3000, np.array([2, 3, 4, 5, 6, 8])
-    cost = rng.lognormal(size=(n, 1)) * 4.0 ** -bits
+    cost = rng.lognormal(size=(n, 1)) * 4.0**-bits
     nw = rng.integers(10_000, 1_000_000, n)
     result = allocate_bits(cost, bits, num_weights=nw, budget=Budget(avg_bits=4.0))
     assert result.status == "optimal" and result.mip_gap <= 1e-4
@@ -261,12 +271,10 @@ def test_stated_smallest_average_is_itself_feasible():
     bits, nw = np.array([2, 3, 8]), np.array([1, 2])
     allowed = np.array([[True, True, True], [False, True, True]])  # smallest (2 + 6) / 3 = 2.666…
     with pytest.raises(ValueError) as info:
-        allocate_bits(np.zeros((2, 3)), bits, num_weights=nw, budget=Budget(avg_bits=2.5),
-                      allowed=allowed)
+        allocate_bits(np.zeros((2, 3)), bits, num_weights=nw, budget=Budget(avg_bits=2.5), allowed=allowed)
     stated = first_number(str(info.value), "average is")
     assert 8 / 3 <= stated <= 8 / 3 + 1e-5
-    result = allocate_bits(np.zeros((2, 3)), bits, num_weights=nw, budget=Budget(avg_bits=stated),
-                           allowed=allowed)
+    result = allocate_bits(np.zeros((2, 3)), bits, num_weights=nw, budget=Budget(avg_bits=stated), allowed=allowed)
     np.testing.assert_array_equal(result.weight_bits, [2, 3])
 
 
@@ -274,7 +282,11 @@ def test_jointly_infeasible_budgets():
     # One item, options (w, a) = (2, 8) or (8, 2): each average alone is feasible, both are not.
     with pytest.raises(ValueError, match="infeasible together.*each\\s+alone is feasible"):
         allocate_bits(
-            [[0.0, 0.0]], [2, 8], [8, 2], num_weights=[10], num_activations=[10],
+            [[0.0, 0.0]],
+            [2, 8],
+            [8, 2],
+            num_weights=[10],
+            num_activations=[10],
             budget=Budget(avg_bits=3.0, avg_act_bits=3.0),
         )
 
@@ -283,8 +295,9 @@ def test_smallest_feasible_budget_and_usage():
     bits = np.array([2, 4, 8])
     nw, na, macs = np.array([100, 300]), np.array([10, 30]), np.array([1000, 3000])
     allowed = np.array([[True, True, True], [False, True, True]])
-    low = smallest_feasible_budget(bits, num_weights=nw, num_activations=na, macs=macs,
-                                   scale_bytes=[1, 2], allowed=allowed)
+    low = smallest_feasible_budget(
+        bits, num_weights=nw, num_activations=na, macs=macs, scale_bytes=[1, 2], allowed=allowed
+    )
     assert low.avg_bits == 3.5 and low.avg_act_bits == 3.5
     assert low.model_bytes == 100 * 2 / 8 + 300 * 4 / 8 + 3 and low.bops == 1000 * 4 + 3000 * 16
     use = budget_usage([8, 4], num_weights=nw, num_activations=na, macs=macs)
@@ -306,8 +319,11 @@ def test_smallest_feasible_budget_and_usage():
         (dict(num_weights=[10, -5]), ValueError, r"num_weights\[1\] = -5\.0 is not a finite non-negative"),
         (dict(num_weights=[10, 5, 1]), ValueError, r"num_weights must be \(2,\)"),
         (dict(macs=[1.0, np.nan], budget=Budget(bops=1e9)), ValueError, r"macs\[1\] = nan"),
-        (dict(allowed=np.array([[True, False, True], [False, False, False]])), ValueError,
-         r"no True entry for item\(s\) \[1\]"),
+        (
+            dict(allowed=np.array([[True, False, True], [False, False, False]])),
+            ValueError,
+            r"no True entry for item\(s\) \[1\]",
+        ),
         (dict(allowed=np.ones((2, 3), int)), TypeError, "boolean mask"),
         (dict(allowed=np.ones((3, 2), bool)), ValueError, r"allowed has shape \(3, 2\); it must be \(2, 3\)"),
         (dict(budget=Budget(bops=1e6)), ValueError, "budget bops=1000000.0 needs macs"),
@@ -319,8 +335,9 @@ def test_smallest_feasible_budget_and_usage():
     ],
 )
 def test_bad_input_is_named(kwargs, error, message):
-    args = dict(cost=np.ones((2, 3)), weight_bits=[2, 4, 8], act_bits=None, num_weights=[10, 20],
-                budget=Budget(avg_bits=8.0))
+    args = dict(
+        cost=np.ones((2, 3)), weight_bits=[2, 4, 8], act_bits=None, num_weights=[10, 20], budget=Budget(avg_bits=8.0)
+    )
     args.update(kwargs)
     with pytest.raises(error, match=message):
         allocate_bits(args.pop("cost"), args.pop("weight_bits"), args.pop("act_bits"), **args)

@@ -60,10 +60,19 @@ def main() -> dict:
         uniform = quantize_uniform(model, variables, images, 4, mesh=mesh)
         labels = np.argmax(np.asarray(model.apply(variables, images)), -1)
         return {
-            "fisher_w": fisher.weight, "fisher_a": fisher.activation, "tables": tables, "errors": errors,
-            "bits": lampq.bits, "result_devices": max(len(leaf.devices()) for leaf in jax.tree_util.tree_leaves(
-                lampq.quantized.variables) if hasattr(leaf, "devices")), "J": [h["J"] for h in lampq.report["history"]],
-            "lampq_out": np.asarray(lampq.apply(images)), "uniform_out": np.asarray(uniform.apply(images)),
+            "fisher_w": fisher.weight,
+            "fisher_a": fisher.activation,
+            "tables": tables,
+            "errors": errors,
+            "bits": lampq.bits,
+            "result_devices": max(
+                len(leaf.devices())
+                for leaf in jax.tree_util.tree_leaves(lampq.quantized.variables)
+                if hasattr(leaf, "devices")
+            ),
+            "J": [h["J"] for h in lampq.report["history"]],
+            "lampq_out": np.asarray(lampq.apply(images)),
+            "uniform_out": np.asarray(uniform.apply(images)),
             "accuracy": accuracy(lampq.apply, images, labels, batch_size=8, mesh=mesh),
         }
 
@@ -78,18 +87,22 @@ def main() -> dict:
             "errors_rel": float(np.max(np.abs(got["errors"] - ref["errors"]) / np.abs(ref["errors"]))),
         }
         if "bits" in got:
-            out[name].update({
-                "bits_equal": got["bits"] == ref["bits"],
-                "J_max_abs": float(np.max(np.abs(np.subtract(got["J"], ref["J"]))))
-                if len(got["J"]) == len(ref["J"]) else float("inf"),
-                "J_rel": float(np.max(np.abs(np.subtract(got["J"], ref["J"])) / np.abs(ref["J"])))
-                if len(got["J"]) == len(ref["J"]) else float("inf"),
-                "lampq_out_rel": relative_error(got["lampq_out"], ref["lampq_out"]),
-                "uniform_out_rel": relative_error(got["uniform_out"], ref["uniform_out"]),
-                "top1_equal": bool(np.array_equal(got["lampq_out"].argmax(-1), ref["lampq_out"].argmax(-1))),
-                "accuracy_equal": got["accuracy"] == ref["accuracy"],
-                "result_devices": got["result_devices"],
-            })
+            out[name].update(
+                {
+                    "bits_equal": got["bits"] == ref["bits"],
+                    "J_max_abs": float(np.max(np.abs(np.subtract(got["J"], ref["J"]))))
+                    if len(got["J"]) == len(ref["J"])
+                    else float("inf"),
+                    "J_rel": float(np.max(np.abs(np.subtract(got["J"], ref["J"])) / np.abs(ref["J"])))
+                    if len(got["J"]) == len(ref["J"])
+                    else float("inf"),
+                    "lampq_out_rel": relative_error(got["lampq_out"], ref["lampq_out"]),
+                    "uniform_out_rel": relative_error(got["uniform_out"], ref["uniform_out"]),
+                    "top1_equal": bool(np.array_equal(got["lampq_out"].argmax(-1), ref["lampq_out"].argmax(-1))),
+                    "accuracy_equal": got["accuracy"] == ref["accuracy"],
+                    "result_devices": got["result_devices"],
+                }
+            )
     return out
 
 

@@ -43,6 +43,7 @@ def test_channel_sites_get_per_channel_tables_that_cover_each_channel(tiny_vit):
 
     from flax import linen as nn
     from lampq_jax.apply.sites import site_interceptor
+
     with nn.intercept_methods(site_interceptor(record)):
         model.apply(variables, images, train=False)
     for site in sites:
@@ -84,8 +85,9 @@ def test_query_key_equalization_is_exact_and_balances_channel_ranges(tiny_vit):
     model, variables, images = tiny_vit
     attention = find_attention_paths(model, variables, images[:1], train=False)
     equalized = equalize_query_key(model, variables, images, attention, train=False)
-    np.testing.assert_allclose(model.apply(equalized, images, train=False), model.apply(variables, images, train=False),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        model.apply(equalized, images, train=False), model.apply(variables, images, train=False), rtol=1e-4, atol=1e-5
+    )
     ratios = query_key_ratios(model, equalized, images, attention, train=False)
     for path in attention:  # after the fold, max|q_d| = max|k_d| for every channel: the ratios are 1
         np.testing.assert_allclose(ratios[path], 1.0, rtol=1e-3)
@@ -117,8 +119,9 @@ def test_silent_channels_get_the_median_range():
 def test_minmax_types_keep_the_embedding_input_range(tiny_vit):
     """minmax_types=('embed',) calibrates the image (the patch embedding's input) min-max; the default clips."""
     model, variables, images = tiny_vit
-    kept = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn",
-                                      minmax_types=("embed",))
+    kept = lampq_jax.quantize_uniform(
+        model, variables, images, 8, train=False, weight_method="rtn", minmax_types=("embed",)
+    )
     clipped = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn")
     (site,) = [l.path for l in kept.quantized.layers if l.type == "embed"]
     scale, zero_point = np.asarray(kept.quantized.act_params[site][8])

@@ -134,12 +134,12 @@ def test_softmax_quantizer_levels_follow_bits_and_keys():
     errors = []
     for bits in range(2, 9):
         k = float(softmax_log_base(bits, keys))
-        assert k == pytest.approx((2 ** bits - 1) / np.log2(SOFTMAX_FLOOR_FACTOR * keys), rel=1e-6)
+        assert k == pytest.approx((2**bits - 1) / np.log2(SOFTMAX_FLOOR_FACTOR * keys), rel=1e-6)
         q = np.asarray(softmax_dynamic(w, jnp.int32(bits)))
-        levels = 2.0 ** (-np.arange(2 ** bits) / k)
+        levels = 2.0 ** (-np.arange(2**bits) / k)
         nearest = np.min(np.abs(q[q > 0][:, None] / levels[None, :] - 1.0), axis=1)
         assert nearest.max() < 1e-5  # every nonzero output is a level 2^(−code/k)
-        assert (q[np.asarray(w) < 2.0 ** (-(2 ** bits - 0.5) / k)] == 0).all()  # below the floor: zero
+        assert (q[np.asarray(w) < 2.0 ** (-(2**bits - 0.5) / k)] == 0).all()  # below the floor: zero
         errors.append(float(np.sum((q - np.asarray(w)) ** 2)))
     assert all(a > b for a, b in zip(errors, errors[1:])), errors  # the error falls with every bit
     # the mass that 8 bits keep: within 1 % of each row's sum

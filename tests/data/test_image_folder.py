@@ -12,8 +12,13 @@ from lampq_jax.data.image_folder import (
 from lampq_jax.data.photos import load_photo
 
 # (photo, saved width, saved height, suffix): landscape, portrait, small, grayscale source, a PNG
-MIXED = [("astronaut", 120, 90, ".jpg"), ("coffee", 64, 150, ".jpeg"), ("rocket", 40, 33, ".JPG"),
-         ("camera", 97, 97, ".jpg"), ("chelsea", 81, 60, ".png")]
+MIXED = [
+    ("astronaut", 120, 90, ".jpg"),
+    ("coffee", 64, 150, ".jpeg"),
+    ("rocket", 40, 33, ".JPG"),
+    ("camera", 97, 97, ".jpg"),
+    ("chelsea", 81, 60, ".png"),
+]
 
 
 def save_photos(folder, entries=MIXED):

@@ -104,8 +104,7 @@ def test_synthesis_lowers_the_loss_and_is_deterministic(tiny_setup):
     model, variables, _ = tiny_setup
     history = []
     kwargs = dict(steps=25, rng=jax.random.key(3), progress=False, pixel_range=(-2.0, 2.0), lr=0.05)
-    images = synthesize_calibration(model, variables, 6, (28, 28, 1), callback=lambda k, p: history.append(p),
-                                    **kwargs)
+    images = synthesize_calibration(model, variables, 6, (28, 28, 1), callback=lambda k, p: history.append(p), **kwargs)
     chex.assert_shape(images, (6, 28, 28, 1))
     assert images.dtype == np.float32 and images.min() >= -2.0 and images.max() <= 2.0
     assert len(history) == 25
@@ -117,8 +116,9 @@ def test_synthesis_lowers_the_loss_and_is_deterministic(tiny_setup):
 
 def test_groups_and_custom_optimizer(tiny_setup):
     model, variables, _ = tiny_setup
-    images = synthesize_calibration(model, variables, 5, (28, 28, 1), rng=jax.random.key(0), group_size=2,
-                                    optimizer=optax.sgd(0.0), **SHORT)
+    images = synthesize_calibration(
+        model, variables, 5, (28, 28, 1), rng=jax.random.key(0), group_size=2, optimizer=optax.sgd(0.0), **SHORT
+    )
     start = np.asarray(jax.random.normal(jax.random.split(jax.random.key(0), 3)[0], (5, 28, 28, 1)))
     np.testing.assert_array_equal(images, start)  # a zero learning rate leaves the N(0, 1) start as it is
 
@@ -151,8 +151,7 @@ def test_shape_that_is_not_an_image_named(tiny_setup):
 
 def test_nan_during_synthesis_names_the_step(tiny_setup):
     model, variables, _ = tiny_setup
-    blow_up = optax.chain(optax.sgd(1.0),
-                          optax.stateless(lambda u, p: jax.tree.map(lambda g: g * jnp.inf, u)))
+    blow_up = optax.chain(optax.sgd(1.0), optax.stateless(lambda u, p: jax.tree.map(lambda g: g * jnp.inf, u)))
     with pytest.raises(ValueError, match="diverged at step 1 of 3"):
         synthesize_calibration(model, variables, 2, (28, 28, 1), rng=jax.random.key(0), optimizer=blow_up, **SHORT)
 
@@ -188,8 +187,7 @@ def test_zero_shot_quantize_end_to_end(tiny_setup):
     config = LampQConfig(progress=False, iterations=1, probes=2)
     result = lampq_jax.quantize(model, variables, budget=4.0, config=config, zero_shot=zero_shot)
     chex.assert_shape(result.synthetic_images, (8, 28, 28, 1))
-    expected = synthesize_calibration(model, variables, 8, (28, 28, 1), steps=10, rng=jax.random.key(0),
-                                      progress=False)
+    expected = synthesize_calibration(model, variables, 8, (28, 28, 1), steps=10, rng=jax.random.key(0), progress=False)
     np.testing.assert_array_equal(result.synthetic_images, expected)
     settings = result.report["zero_shot"]
     assert settings["num_images"] == 8 and settings["output"] == "logits" and settings["seconds"] > 0
@@ -211,5 +209,6 @@ def test_zero_shot_and_images_exclusive(tiny_setup):
     with pytest.raises(ValueError, match="labels were given with zero_shot"):
         lampq_jax.quantize(model, variables, budget=4.0, labels=np.zeros(2, int), zero_shot=zero_shot)
     with pytest.raises(ValueError, match="image_shape is required"):
-        lampq_jax.quantize_uniform(model, variables, None, 4, zero_shot=dataclasses.replace(zero_shot,
-                                                                                           image_shape=None))
+        lampq_jax.quantize_uniform(
+            model, variables, None, 4, zero_shot=dataclasses.replace(zero_shot, image_shape=None)
+        )

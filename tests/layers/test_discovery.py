@@ -125,6 +125,10 @@ def test_cli_entry_point_installed():
     bin_dir = Path(sys.executable).parent
     out = subprocess.run([str(bin_dir / "lampq"), "--help"], capture_output=True, text=True, check=True)
     assert "layers" in out.stdout and "LampQ" in out.stdout
-    out = subprocess.run([sys.executable, "-c", "import lampq_jax; print(lampq_jax.__version__)"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import lampq_jax; print(lampq_jax.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "0.1.0"

@@ -233,8 +233,10 @@ def test_huggingface_models_match(kind):
 
 def _to_transformers_v4_names(state, dinov2: bool):
     """Renames a transformers 5.x state dict to the 4.x names of Hub checkpoints."""
-    renames = [(rf"attention\.{x}_proj\.", f"attention.attention.{name}.") for x, name in
-               (("q", "query"), ("k", "key"), ("v", "value"))]
+    renames = [
+        (rf"attention\.{x}_proj\.", f"attention.attention.{name}.")
+        for x, name in (("q", "query"), ("k", "key"), ("v", "value"))
+    ]
     renames.append((r"attention\.o_proj\.", "attention.output.dense."))
     if not dinov2:  # 4.x DINOv2 already used encoder.layer.i / mlp.fc1 / mlp.fc2
         renames += [(r"(^|\.)layers\.(\d+)\.", r"\1encoder.layer.\2."), (r"\.mlp\.fc1\.", ".intermediate.dense.")]

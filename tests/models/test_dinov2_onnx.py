@@ -15,10 +15,12 @@ from lampq_jax.models.dinov2_onnx import find_onnx_file, load_dinov2_s14, normal
 
 def test_torch_bicubic_matrix_equals_torch_interpolate():
     import torch
+
     grid = np.random.default_rng(0).normal(size=[1, 5, 37, 37]).astype(np.float32)
     for size in (16, 37, 50):
-        expected = torch.nn.functional.interpolate(torch.from_numpy(grid), size=(size, size), mode="bicubic",
-                                                   align_corners=False).numpy()
+        expected = torch.nn.functional.interpolate(
+            torch.from_numpy(grid), size=(size, size), mode="bicubic", align_corners=False
+        ).numpy()
         rows = torch_bicubic_matrix(37, size)
         ours = np.einsum("ih,jw,bchw->bcij", rows, rows, grid)
         np.testing.assert_allclose(ours, expected, atol=2e-5)
@@ -78,4 +80,7 @@ def test_uniform_quantizers_hold_up_on_the_real_vit(dinov2):
     assert cos[4] == pytest.approx(PINNED[4], abs=0.03), cos
 
 
-PINNED = {8: 0.9957, 4: 0.8126}  # default quantizers (key centering, min-max q/k, per-channel proj input, GPTQ): W3A3 0.730, W5A5 0.911, W6A6 0.970
+PINNED = {
+    8: 0.9957,
+    4: 0.8126,
+}  # default quantizers (key centering, min-max q/k, per-channel proj input, GPTQ): W3A3 0.730, W5A5 0.911, W6A6 0.970

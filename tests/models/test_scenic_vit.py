@@ -28,12 +28,15 @@ def scenic_vit():
     """Scenic's `vit` module, with stand-ins for `tensorflow.io.gfile` (checkpoint reading) and the
     training wrapper's base class, the two imports the model itself does not use."""
     import ml_collections  # in the test extras
+
     saved = {k: sys.modules.get(k) for k in ("tensorflow", "tensorflow.io")}
     if importlib.util.find_spec("tensorflow") is None:
         _stand_in("tensorflow.io", gfile=types.SimpleNamespace())
         _stand_in("tensorflow", io=sys.modules["tensorflow.io"])
-    _stand_in("scenic.model_lib.base_models.multilabel_classification_model",
-              MultiLabelClassificationModel=type("MultiLabelClassificationModel", (), {}))
+    _stand_in(
+        "scenic.model_lib.base_models.multilabel_classification_model",
+        MultiLabelClassificationModel=type("MultiLabelClassificationModel", (), {}),
+    )
     sys.path.insert(0, str(SCENIC_ROOT))
     try:
         module = importlib.import_module("scenic.projects.baselines.vit")
@@ -47,8 +50,14 @@ def scenic_vit():
 
 def _scenic_model(scenic_vit, num_classes=10, classifier="token", patch=7):
     vit, ml_collections = scenic_vit
-    return vit.ViT(num_classes=num_classes, patches=ml_collections.ConfigDict({"size": (patch, patch)}),
-                   classifier=classifier, dropout_rate=0.0, attention_dropout_rate=0.0, **CONFIG)
+    return vit.ViT(
+        num_classes=num_classes,
+        patches=ml_collections.ConfigDict({"size": (patch, patch)}),
+        classifier=classifier,
+        dropout_rate=0.0,
+        attention_dropout_rate=0.0,
+        **CONFIG,
+    )
 
 
 def _shapes(variables) -> dict[str, tuple[int, ...]]:
@@ -59,8 +68,9 @@ def _shapes(variables) -> dict[str, tuple[int, ...]]:
 def _random_params(variables, seed=0):
     leaves, tree = jax.tree_util.tree_flatten(variables)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree_util.tree_unflatten(tree, [0.2 * jax.random.normal(k, l.shape, l.dtype)
-                                               for k, l in zip(keys, leaves)])
+    return jax.tree_util.tree_unflatten(
+        tree, [0.2 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+    )
 
 
 @pytest.mark.parametrize("classifier,num_classes", [("token", 10), ("gap", 10), ("token", None)])
@@ -72,8 +82,12 @@ def test_create_vit_has_scenic_parameter_tree_and_outputs(scenic_vit, classifier
     our_vars = ours.init(jax.random.key(0), images[:1])
     assert _shapes(our_vars) == _shapes(their_vars)
     params = _random_params(our_vars)
-    np.testing.assert_allclose(np.asarray(theirs.apply(params, images, train=False)),
-                               np.asarray(ours.apply(params, images, train=False)), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(theirs.apply(params, images, train=False)),
+        np.asarray(ours.apply(params, images, train=False)),
+        rtol=1e-5,
+        atol=1e-5,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -114,19 +128,42 @@ def test_scenic_train_state_checkpoint_loads_through_the_cli(scenic_setup, tmp_p
     from lampq_jax.cli import main
 
     model, variables, images = scenic_setup
-    state = {"global_step": 1000, "opt_state": {"mu": variables["params"], "count": 3},
-             "params": variables["params"], "model_state": {}, "rng": np.asarray(jax.random.key_data(jax.random.key(0))),
-             "metadata": {"chrono": {"accum_train_time": 12.5}}}
+    state = {
+        "global_step": 1000,
+        "opt_state": {"mu": variables["params"], "count": 3},
+        "params": variables["params"],
+        "model_state": {},
+        "rng": np.asarray(jax.random.key_data(jax.random.key(0))),
+        "metadata": {"chrono": {"accum_train_time": 12.5}},
+    }
     workdir = tmp_path / "workdir"
     workdir.mkdir()
     (workdir / "checkpoint_1000").write_bytes(flax.serialization.msgpack_serialize(state))
     np.savez(tmp_path / "calib.npz", images=images)
-    (tmp_path / "model.json").write_text('{"variant": "Ti/7", "num_classes": 10, "overrides": {"patch_size": 7, '
-                                         '"num_layers": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}}')
+    (tmp_path / "model.json").write_text(
+        '{"variant": "Ti/7", "num_classes": 10, "overrides": {"patch_size": 7, '
+        '"num_layers": 2, "hidden_size": 32, "mlp_dim": 64, "num_heads": 2}}'
+    )
     out = tmp_path / "out"
-    code = main(["quantize", "--checkpoint", str(workdir), "--model-config", str(tmp_path / "model.json"),
-                 "--calib", str(tmp_path / "calib.npz"), "--budget", "8", "--iterations", "0", "--no-metric-check",
-                 "--out", str(out), "--no-progress"])
+    code = main(
+        [
+            "quantize",
+            "--checkpoint",
+            str(workdir),
+            "--model-config",
+            str(tmp_path / "model.json"),
+            "--calib",
+            str(tmp_path / "calib.npz"),
+            "--budget",
+            "8",
+            "--iterations",
+            "0",
+            "--no-metric-check",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
     assert code == 0
     from lampq_jax import load_result
 

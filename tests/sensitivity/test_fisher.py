@@ -24,6 +24,7 @@ def setup(tiny_setup):
 
 def loop_traces(model, variables, images, labels, layers):
     """Independent reference: one jax.grad per sample, squared norms of the kernel gradients."""
+
     def loss(params, x, y):
         logits = model.apply({"params": params}, x[None])
         return jax.nn.log_softmax(logits[0])[y]
@@ -39,6 +40,7 @@ def loop_traces(model, variables, images, labels, layers):
 
 def perturbation_trace(model, variables, images, labels, path):
     """Independent reference: gradient w.r.t. an explicit perturbation added to one layer's input."""
+
     def loss(delta, x, y):
         def add(next_fun, args, kwargs, context):
             if context.method_name == "__call__" and "/".join(context.module.scope.path) == path:
@@ -70,8 +72,9 @@ def test_activation_traces_equal_explicit_perturbation(setup):
     np.testing.assert_allclose(traces.activation[MID], mid, rtol=1e-5)
     # the embedding's input is the image itself
     grad_x = jax.vmap(jax.grad(lambda x, y: jax.nn.log_softmax(model.apply(variables, x[None])[0])[y]))(images, labels)
-    np.testing.assert_allclose(traces.activation["embedding"], float(jnp.mean(jnp.sum(grad_x**2, axis=(1, 2, 3)))),
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        traces.activation["embedding"], float(jnp.mean(jnp.sum(grad_x**2, axis=(1, 2, 3)))), rtol=1e-5
+    )
 
 
 def test_chunk_size_does_not_change_the_result(setup):
@@ -97,8 +100,15 @@ def test_features_and_custom_likelihood(setup):
     model, variables, images, labels, layers = setup
     feats = fisher_traces(model, variables, images, layers, rng=jax.random.key(0), output="features", batch_size=6)
     assert all(v > 0 for v in feats.weight.values())
-    custom = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6,
-                           log_likelihood=lambda out, y: jax.nn.log_softmax(out.reshape(-1))[y])
+    custom = fisher_traces(
+        model,
+        variables,
+        images,
+        layers,
+        labels=labels,
+        batch_size=6,
+        log_likelihood=lambda out, y: jax.nn.log_softmax(out.reshape(-1))[y],
+    )
     empirical = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6)
     for p in custom.weight:
         np.testing.assert_allclose(custom.weight[p], empirical.weight[p], rtol=1e-6)
