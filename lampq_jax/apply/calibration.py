@@ -95,6 +95,39 @@ def batched_outputs(fn: Any, images: np.ndarray, batch_size: int, mesh: Optional
     return np.concatenate([np.asarray(fn(b)) for b in batches(images, batch_size, mesh)])
 
 
+def per_batch(
+    batch_fn: Any,
+    model: nn.Module,
+    args: tuple,
+    images: np.ndarray,
+    *,
+    batch_size: int,
+    mesh: Optional[Mesh] = None,
+    split: bool = True,
+    apply_kwargs: Mapping[str, Any],
+    **static: Any,
+) -> Iterable[Any]:
+    """Host copies of `batch_fn(*args, batch, model=, kwargs=, **static)`, one per batch of `images`.
+
+    `batch_fn` is a jitted one-batch pass with `model` (made hashable by `static_module`) and `kwargs` (the
+    sorted `apply_kwargs`) static. With `split`, `args` are replicated and each batch is split over `mesh`
+    (None: all devices; `data_parallel`); without, everything stays on one device.
+    """
+    if split:
+        mesh = resolve_mesh(mesh)
+        args = replicate(tuple(args), mesh)
+    static_model, kwargs = static_module(model), tuple(sorted(dict(apply_kwargs).items()))
+    for batch in batches(images, batch_size, mesh if split else None):
+        yield jax.device_get(batch_fn(*args, batch, model=static_model, kwargs=kwargs, **static))
+
+
+def intercepted_apply(model, variables, batch, kwargs, on_site, *, layer_paths, attention_paths) -> Any:
+    """model.apply(variables, batch, **dict(kwargs)) with `on_site(site, x) → x` called at every site
+    (`sites.site_interceptor`) of `layer_paths` and `attention_paths`."""
+    with nn.intercept_methods(site_interceptor(on_site, layer_paths=layer_paths, attention_paths=attention_paths)):
+        return model.apply(variables, batch, **dict(kwargs))
+
+
 def _subsample(x: jax.Array, max_samples: int) -> jax.Array:
     flat = jnp.ravel(x).astype(jnp.float32)
     stride = max(1, math.ceil(flat.shape[0] / max_samples))
@@ -145,8 +178,9 @@ def _batch_stats(variables, batch, *, model, kwargs, layer_paths, attention_path
             found[site] = (_subsample(x, max_samples), jnp.min(x), jnp.max(x))
         return x
 
-    with nn.intercept_methods(site_interceptor(on_site, layer_paths=layer_paths, attention_paths=attention_paths)):
-        model.apply(variables, batch, **dict(kwargs))
+    intercepted_apply(
+        model, variables, batch, kwargs, on_site, layer_paths=layer_paths, attention_paths=attention_paths
+    )
     return found
 
 
@@ -169,23 +203,22 @@ def collect_site_samples(
     tensor's last n dims and C their product. Each batch is split over `mesh` (`data_parallel`).
     """
     channel_sites = tuple(sorted(channel_site_map(channel_sites).items()))
-    mesh = resolve_mesh(mesh)
-    variables = replicate(variables, mesh)
     samples: dict[str, list[np.ndarray]] = {}
     lo: dict[str, Any] = {}
     hi: dict[str, Any] = {}
-    for batch in batches(images, batch_size, mesh):
-        stats = _batch_stats(
-            variables,
-            batch,
-            model=static_module(model),
-            kwargs=tuple(sorted(apply_kwargs.items())),
-            layer_paths=layer_paths,
-            attention_paths=attention_paths,
-            max_samples=max_samples,
-            channel_sites=channel_sites,
-        )
-        for site, (values, mn, mx) in jax.device_get(stats).items():
+    static = {"layer_paths": layer_paths, "attention_paths": attention_paths, "max_samples": max_samples}
+    for stats in per_batch(
+        _batch_stats,
+        model,
+        (variables,),
+        images,
+        batch_size=batch_size,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        channel_sites=channel_sites,
+        **static,
+    ):
+        for site, (values, mn, mx) in stats.items():
             samples.setdefault(site, []).append(values)
             lo[site] = np.minimum(lo.get(site, np.inf), mn)
             hi[site] = np.maximum(hi.get(site, -np.inf), mx)

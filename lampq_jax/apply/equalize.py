@@ -42,10 +42,7 @@ import numpy as np
 from jax.sharding import Mesh
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from lampq_jax.apply.calibration import batches
-from lampq_jax.apply.data_parallel import replicate, resolve_mesh
-from lampq_jax.apply.static import static_module
-from lampq_jax.apply.sites import site_interceptor
+from lampq_jax.apply.calibration import intercepted_apply, per_batch
 
 # r_d is kept within [1 / MAX_RATIO, MAX_RATIO], so a channel that is silent in calibration is not blown up.
 MAX_RATIO = 100.0
@@ -61,8 +58,9 @@ def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
             found[site] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 2)))
         return x
 
-    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(), attention_paths=attention_paths)):
-        model.apply(variables, batch, **dict(kwargs))
+    intercepted_apply(
+        model, variables, batch, kwargs, on_site, layer_paths=frozenset(), attention_paths=attention_paths
+    )
     return found
 
 
@@ -79,17 +77,17 @@ def query_key_ratios(
     """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]
     (batches split over `mesh`, None: all devices)."""
     absmax: dict[str, np.ndarray] = {}
-    mesh = resolve_mesh(mesh)
-    variables = replicate(variables, mesh)
-    for batch in batches(images, batch_size, mesh):
-        found = _batch_absmax(
-            variables,
-            batch,
-            model=static_module(model),
-            kwargs=tuple(sorted(apply_kwargs.items())),
-            attention_paths=frozenset(attention_paths),
-        )
-        for site, value in jax.device_get(found).items():
+    for found in per_batch(
+        _batch_absmax,
+        model,
+        (variables,),
+        images,
+        batch_size=batch_size,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        attention_paths=frozenset(attention_paths),
+    ):
+        for site, value in found.items():
             absmax[site] = np.maximum(absmax.get(site, 0.0), value)
     ratios = {}
     for path in attention_paths:
@@ -130,8 +128,9 @@ def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
             found[site[: -len("/k")]] = (jnp.sum(x, axis=tuple(range(1, x.ndim - 2))), math.prod(x.shape[1:-2]))
         return x
 
-    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(), attention_paths=attention_paths)):
-        model.apply(variables, batch, **dict(kwargs))
+    intercepted_apply(
+        model, variables, batch, kwargs, on_site, layer_paths=frozenset(), attention_paths=attention_paths
+    )
     return found
 
 
@@ -150,17 +149,17 @@ def key_means(
     does not depend on how a batch was split (it is folded into the variables that everything after uses)."""
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    mesh = resolve_mesh(mesh)
-    variables = replicate(variables, mesh)
-    for batch in batches(images, batch_size, mesh):
-        found = _batch_key_sums(
-            variables,
-            batch,
-            model=static_module(model),
-            kwargs=tuple(sorted(apply_kwargs.items())),
-            attention_paths=frozenset(attention_paths),
-        )
-        for path, (per_image, count) in jax.device_get(found).items():
+    for found in per_batch(
+        _batch_key_sums,
+        model,
+        (variables,),
+        images,
+        batch_size=batch_size,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        attention_paths=frozenset(attention_paths),
+    ):
+        for path, (per_image, count) in found.items():
             sums[path] = sums.get(path, 0.0) + np.sum(np.asarray(per_image, np.float64), axis=0)
             counts[path] = counts.get(path, 0) + int(count) * per_image.shape[0]
     return {p: (sums[p] / counts[p]).astype(np.float32) for p in attention_paths}

@@ -17,9 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lampq_jax.apply.calibration import batches, channel_input_sites
-from lampq_jax.apply.sites import site_interceptor
-from lampq_jax.apply.static import static_module
+from lampq_jax.apply.calibration import channel_input_sites, intercepted_apply, per_batch
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.layers.types import LAYER_TYPES
 
@@ -37,8 +35,9 @@ def _batch_grams(variables, batch, *, model, kwargs, input_axes):
             found[site] = (gram + rows.T @ rows, count + rows.shape[0])
         return x
 
-    with nn.intercept_methods(site_interceptor(on_site, layer_paths=frozenset(axes), attention_paths=frozenset())):
-        model.apply(variables, batch, **dict(kwargs))
+    intercepted_apply(
+        model, variables, batch, kwargs, on_site, layer_paths=frozenset(axes), attention_paths=frozenset()
+    )
     return found
 
 
@@ -67,15 +66,17 @@ def input_hessians(
         return {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for batch in batches(images, batch_size):
-        found = _batch_grams(
-            variables,
-            batch,
-            model=static_module(model),
-            kwargs=tuple(sorted(apply_kwargs.items())),
-            input_axes=tuple(sorted(input_axes.items())),
-        )
-        for path, (gram, rows) in jax.device_get(found).items():
+    for found in per_batch(
+        _batch_grams,
+        model,
+        (variables,),
+        images,
+        batch_size=batch_size,
+        split=False,
+        apply_kwargs=apply_kwargs,
+        input_axes=tuple(sorted(input_axes.items())),
+    ):
+        for path, (gram, rows) in found.items():
             sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)
             counts[path] = counts.get(path, 0) + int(rows)
     return {p: (sums[p] / counts[p]).astype(np.float32) for p in sums}

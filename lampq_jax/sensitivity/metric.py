@@ -22,11 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lampq_jax.apply.calibration import ActivationParams, batches
-from lampq_jax.apply.data_parallel import replicate, resolve_mesh
+from lampq_jax.apply.calibration import ActivationParams, per_batch
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels
-from lampq_jax.apply.static import static_module
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
@@ -95,20 +93,18 @@ def activation_errors(
         state = DynamicBits({}, {}, {})
     tables = {p: np.asarray(act_params[p]) for p in paths}
     total = {p: np.zeros(len(candidates)) for p in paths}
-    mesh = resolve_mesh(mesh)
-    variables, state = replicate((variables, state), mesh)
-    for batch in batches(images, batch_size, mesh):
-        found = _batch_activation_errors(
-            variables,
-            tables,
-            state,
-            batch,
-            model=static_module(model),
-            kwargs=tuple(sorted(apply_kwargs.items())),
-            paths=paths,
-            candidates=tuple(candidates),
-        )
-        for site, errs in jax.device_get(found).items():
+    for found in per_batch(
+        _batch_activation_errors,
+        model,
+        (variables, tables, state),
+        images,
+        batch_size=batch_size,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        paths=paths,
+        candidates=tuple(candidates),
+    ):
+        for site, errs in found.items():
             total[site] += np.sum(np.asarray(errs, np.float64), axis=0)  # per image, in order: split-independent
     return np.stack([total[p] / images.shape[0] for p in paths])
 
