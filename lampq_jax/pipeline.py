@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -207,6 +208,21 @@ def _prepare(
         "gptq_layers": len(hessians or {}),
     }
     return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules, base, hessians)
+
+
+def _prepare_options(config: LampQConfig) -> dict[str, Any]:
+    """`_prepare`'s base-quantizer options, from `config`."""
+    names = (
+        "calibration",
+        "channel_types",
+        "minmax_types",
+        "center_keys",
+        "qk_calibration",
+        "equalize_qk",
+        "weight_method",
+        "batch_size",
+    )
+    return {name: getattr(config, name) for name in names}
 
 
 def quantize_uniform(
@@ -530,6 +546,368 @@ def _checked_labels(labels: Any, num_images: int, fp_outputs: jax.Array, output:
     return labels
 
 
+@dataclasses.dataclass(frozen=True)
+class _LampQRun:
+    """What the stages of `quantize` share: the prepared model, the layers allocated and the measured J."""
+
+    model: nn.Module
+    prep: _Prepared
+    config: LampQConfig
+    alloc_layers: list[Layer]
+    fixed_bits: dict[str, tuple[int, int]]  # {path: (w, a)} of the layers of `config.fixed_types`
+    attention_bits: dict[str, int]  # {attention path: bits} of the q·kᵀ and softmax·v inputs
+    fisher_labels: Optional[np.ndarray]  # labels of the empirical Fisher, None for the true Fisher
+    rng: jax.Array
+    mesh: Mesh
+    apply_kwargs: dict[str, Any]
+    timer: _Timer
+    bar: Any  # the tqdm bar of the stages
+    measure: Any  # (layer bits, attention bits) → J(model quantized so) − J_fp on the calibration images
+    j_fp: float
+    budget: float
+    objective_name: str
+
+
+def _lampq_run(
+    model, variables, calib_images, budget, labels, objective, config, rules, zero_shot, mesh, timer, apply_kwargs
+) -> tuple[_LampQRun, Optional[np.ndarray], dict]:
+    """(the run, the synthesized images or None, the zero-shot report entry).
+
+    Raises:
+      ValueError: a budget that is not positive, unknown `fixed_layers` paths, no layer left to allocate,
+        or fisher='empirical' without labels (and whatever `calibration_set` and `_prepare` raise).
+    """
+    rules = checked_rules(rules)
+    mesh = resolve_mesh(mesh)
+    if not np.isfinite(budget) or budget <= 0:
+        raise ValueError(f"budget must be a positive number, got {budget}")
+    calib_images, synthetic, zs_entry = calibration_set(
+        model,
+        variables,
+        calib_images,
+        zero_shot,
+        output=config.output,
+        labels=labels,
+        timer=timer,
+        apply_kwargs=apply_kwargs,
+    )
+    prep = _prepare(
+        model,
+        variables,
+        calib_images,
+        rules=rules,
+        timer=timer,
+        mesh=mesh,
+        apply_kwargs=apply_kwargs,
+        **_prepare_options(config),
+    )
+    layers, images = prep.layers, prep.images
+    if labels is not None:
+        labels = _checked_labels(labels, images.shape[0], prep.fp_outputs, config.output)
+    unknown = sorted(set(dict(config.fixed_layers)) - {l.path for l in layers})
+    if unknown:
+        raise ValueError(f"fixed_layers names unknown layer path(s) {unknown[:5]}")
+    alloc_layers = [l for l in layers if l.type not in config.fixed_types]
+    if not alloc_layers:
+        raise ValueError(f"no layer to allocate: every layer's type is in fixed_types={config.fixed_types}")
+    fixed_bits = {l.path: (config.fixed_bits, config.fixed_bits) for l in layers if l.type in config.fixed_types}
+    attn_bits = config.attn_bits or int(np.clip(round(budget if config.budget_kind != "model_bytes" else 4), 2, 8))
+    objective_fn = resolve_objective(objective, labels_given=labels is not None, output=config.output)
+    fisher_kind = config.fisher if config.fisher != "auto" else ("empirical" if labels is not None else "true")
+    if fisher_kind == "empirical" and labels is None:
+        raise ValueError("fisher='empirical' needs labels")
+    dq = DynamicQuantizer(
+        model,
+        replicate(prep.variables, mesh),
+        layers,
+        prep.attention,
+        prep.act_params,
+        apply_kwargs,
+        hessians=prep.hessians,
+    )
+    label_array = None if labels is None else jnp.asarray(labels)
+
+    def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
+        outs = jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
+        return float(objective_fn(outs, prep.fp_outputs, label_array)) - j_fp
+
+    j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
+    bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
+    run = _LampQRun(
+        model,
+        prep,
+        config,
+        alloc_layers,
+        fixed_bits,
+        {p: attn_bits for p in prep.attention},
+        labels if fisher_kind == "empirical" else None,
+        jax.random.key(config.seed),
+        mesh,
+        dict(apply_kwargs),
+        timer,
+        bar,
+        measure,
+        j_fp,
+        budget,
+        objective_name(objective, labels_given=labels is not None, output=config.output),
+    )
+    return run, synthetic, zs_entry
+
+
+@dataclasses.dataclass(frozen=True)
+class _Sensitivity:
+    """The metric of the allocated layers: rows are layers, columns `config.candidates`."""
+
+    fisher: FisherTraces
+    w_term: np.ndarray  # [layers, candidates] predicted ΔL of quantizing the weights (unscaled by α)
+    a_term: np.ndarray  # [layers, candidates] the same of the input activations
+    w_err: Optional[np.ndarray]  # [layers, candidates] weight quantization errors (None: vtptq / random)
+    alpha: dict[str, float]  # α by type
+    layer_alpha: np.ndarray  # [layers, 1] α of each layer
+    measured: dict[int, float]  # {unit index: measured ΔJ alone at the probe bits}
+    spearman: dict[str, float]  # {α mode: Spearman of Ω against the measured ΔJ}
+    unit_keys: list[str]
+
+
+def _sensitivity(run: _LampQRun) -> _Sensitivity:
+    """Ω's terms and α: the Fisher metric with probes (METHOD.md §§2–3), or VT-PTQ's / random costs."""
+    config, layers, images, timer, bar = run.config, run.alloc_layers, run.prep.images, run.timer, run.bar
+    variables, cands = run.prep.variables, list(config.candidates)
+    if config.metric in ("vtptq", "random"):
+        with timer("metric"):
+            if config.metric == "vtptq":
+                w_term = vtptq_metric(
+                    run.model, variables, images, layers, run.prep.act_params, cands, **run.apply_kwargs
+                )
+            else:
+                w_term = random_costs(len(layers), cands, config.seed)
+        nan = {l.path: float("nan") for l in layers}
+        bar.update(3)
+        return _Sensitivity(
+            FisherTraces(nan, dict(nan), len(images)),
+            w_term,
+            np.zeros_like(w_term),
+            None,
+            {t: 1.0 for t in {l.type for l in layers}},
+            np.ones([len(layers), 1]),
+            {},
+            {},
+            [],
+        )
+    with timer("fisher"):
+        bar.set_postfix_str("Fisher traces")
+        fisher = fisher_traces(
+            run.model,
+            variables,
+            images,
+            layers,
+            labels=run.fisher_labels,
+            rng=run.rng,
+            batch_size=config.batch_size,
+            output=config.output,
+            mesh=run.mesh,
+            **run.apply_kwargs,
+        )
+    bar.update()
+    bar.set_postfix_str("quantization errors")
+    with timer("metric"):
+        w_err = weight_errors(variables, layers, cands)
+        a_err = activation_errors(
+            run.model, variables, images, layers, run.prep.act_params, cands, mesh=run.mesh, **run.apply_kwargs
+        )
+        w_term, a_term = predicted_increase(fisher, layers, w_err, a_err)
+    bar.update()
+    bar.set_postfix_str("single-layer probes")
+    with timer("probe"):
+        alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
+            layers, w_term, a_term, fisher, config, lambda bits: run.measure(bits, {})
+        )
+    bar.update()
+    return _Sensitivity(
+        fisher, w_term, a_term, w_err, alpha, layer_alpha[:, None], measured, spearman_figures, unit_keys
+    )
+
+
+def _allocation_problem(layers: Sequence[Layer], config: LampQConfig, budget: float) -> tuple[_Items, Any]:
+    """(the ILP's items, `solve(cost_w [layers, cands], cost_a [layers, cands]) → AllocationResult`)."""
+    items = _items(layers, range(len(layers)), config)
+    sizes = {
+        "num_weights": [sum(layers[i].num_weights for i in mem) for mem in items.members],
+        "num_activations": [sum(layers[i].num_activations for i in mem) for mem in items.members],
+        "macs": [sum(layers[i].macs for i in mem) for mem in items.members],
+        "scale_bytes": [
+            sum(SCALE_BYTES_PER_CHANNEL * math.prod(layers[i].weight_shape[a] for a in layers[i].out_axes) for i in mem)
+            for mem in items.members
+        ],
+    }
+    sizes = {name: np.array(v) for name, v in sizes.items()}
+    budget_obj, allowed = _budget(config, budget, sizes["macs"]), _allowed(items, layers, config)
+
+    def solve(cost_w: np.ndarray, cost_a: np.ndarray) -> AllocationResult:
+        return allocate_bits(
+            _item_cost(items, cost_w, cost_a),
+            items.weight_bits,
+            items.act_bits,
+            **sizes,
+            budget=budget_obj,
+            allowed=allowed,
+            time_limit=config.ilp_time_limit,
+            mip_gap=config.mip_gap,
+        )
+
+    return items, solve
+
+
+def _round_entry(
+    k: int, bits, omega_w, omega_a, cands, layers, j_value: float, solution: AllocationResult, **timing: float
+) -> dict[str, Any]:
+    """One round of the report's history: its bits, Ω, measured J and the ILP's figures."""
+    return {
+        "round": k,
+        "bits": bits,
+        "omega": _omega_rows(layers, omega_w, omega_a, cands),
+        "J": j_value,
+        "ilp_status": solution.status,
+        "ilp_objective": solution.objective,
+        "mip_gap": solution.mip_gap,
+        **timing,
+    }
+
+
+def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[tuple[float, dict, int], list]:
+    """((best J, its bits, its round), history): the ILP on Ω, then iterative updates (METHOD.md §5).
+
+    Round k re-measures the Fisher traces and activation errors at round k−1's quantized point, damps Ω
+    towards them and solves again; it stops when the bits repeat or J has not improved for two rounds.
+    """
+    config, layers, prep, timer = run.config, run.alloc_layers, run.prep, run.timer
+    cands = list(config.candidates)
+    omega_w, omega_a = sens.layer_alpha * sens.w_term, sens.layer_alpha * sens.a_term
+    with timer("ilp"):
+        solution = solve(omega_w, omega_a)
+    assignment = _assignment(items, layers, solution.choice)
+    with timer("evaluate"):
+        j_value = run.measure({**assignment, **run.fixed_bits}, run.attention_bits)
+    history = [
+        _round_entry(
+            0, assignment, omega_w, omega_a, cands, layers, j_value, solution, ilp_seconds=solution.solve_seconds
+        )
+    ]
+    run.bar.update()
+    best, stale = (j_value, assignment, 0), 0
+    for k in range(1, config.iterations + 1):
+        start = time.perf_counter()
+        spec = QuantSpec.build(prep.layers, {**assignment, **run.fixed_bits}, attention_bits=run.attention_bits)
+        with timer("iterations"):
+            point = quant_point(prep.variables, prep.layers, spec, prep.act_params, hessians=prep.hessians)
+            fisher_k = fisher_traces(
+                run.model,
+                prep.variables,
+                prep.images,
+                layers,
+                labels=run.fisher_labels,
+                rng=run.rng,
+                batch_size=config.batch_size,
+                output=config.output,
+                quant=point,
+                mesh=run.mesh,
+                **run.apply_kwargs,
+            )
+            a_err_k = activation_errors(
+                run.model,
+                prep.variables,
+                prep.images,
+                layers,
+                prep.act_params,
+                cands,
+                quant=point,
+                mesh=run.mesh,
+                **run.apply_kwargs,
+            )
+            new_w, new_a = predicted_increase(fisher_k, layers, sens.w_err, a_err_k)
+            omega_w = config.damping * omega_w + (1 - config.damping) * sens.layer_alpha * new_w
+            omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
+            solution = solve(omega_w, omega_a)
+            new_assignment = _assignment(items, layers, solution.choice)
+            j_value = run.measure({**new_assignment, **run.fixed_bits}, run.attention_bits)
+        history.append(
+            _round_entry(
+                k,
+                new_assignment,
+                omega_w,
+                omega_a,
+                cands,
+                layers,
+                j_value,
+                solution,
+                seconds=time.perf_counter() - start,
+            )
+        )
+        run.bar.update()
+        if j_value < best[0]:
+            best, stale = (j_value, new_assignment, k), 0
+        else:
+            stale += 1
+        done = new_assignment == assignment or stale >= 2
+        assignment = new_assignment
+        if done:
+            break
+    return best, history
+
+
+def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, zs_entry) -> QuantizationResult:
+    """The result at the best round's bits; the report adds config, α, Spearman, J by round and layer rows."""
+    config, cands = run.config, list(run.config.candidates)
+    final_bits = {**best[1], **run.fixed_bits}
+    rows = []
+    for j, l in enumerate(run.alloc_layers):
+        alpha = float(sens.layer_alpha[j, 0])
+        rows.append(
+            {
+                "path": l.path,
+                "type": l.type,
+                "group": item_key(l, config),
+                "num_weights": l.num_weights,
+                "macs": l.macs,
+                "fisher_w": sens.fisher.weight[l.path],
+                "fisher_a": sens.fisher.activation[l.path],
+                "alpha": alpha,
+                "omega": {str(b): float(alpha * (sens.w_term[j, c] + sens.a_term[j, c])) for c, b in enumerate(cands)},
+                "bits": list(final_bits[l.path]),
+            }
+        )
+    extra = {
+        "budget": run.budget,
+        "budget_kind": config.budget_kind,
+        "config": dataclasses.asdict(config),
+        "objective": run.objective_name,
+        "fisher": "empirical" if run.fisher_labels is not None else "true",
+        "alpha": sens.alpha,
+        "spearman": sens.spearman,
+        "J_fp": run.j_fp,
+        "J": best[0],
+        "best_round": best[2],
+        "history": history,
+        "layers": rows,
+        "probes": {sens.unit_keys[k]: v for k, v in sens.measured.items()},
+        **zs_entry,
+    }
+    prep = run.prep
+    return _finish(
+        run.model,
+        prep.variables,
+        prep,
+        final_bits,
+        run.attention_bits,
+        config.fixed_types,
+        "lampq",
+        extra,
+        run.timer,
+        run.apply_kwargs,
+        synthetic,
+    )
+
+
 def quantize(
     model: nn.Module,
     variables: Any,
@@ -565,270 +943,25 @@ def quantize(
     Returns:
       A `QuantizationResult` with the bits per layer, `apply`, the report and timings.
     """
-    rules = checked_rules(rules)
-    mesh = resolve_mesh(mesh)
-    timer = _Timer()
-    if not np.isfinite(budget) or budget <= 0:
-        raise ValueError(f"budget must be a positive number, got {budget}")
-    calib_images, synthetic, zs_entry = calibration_set(
+    run, synthetic, zs_entry = _lampq_run(
         model,
         variables,
         calib_images,
+        budget,
+        labels,
+        objective,
+        config,
+        rules,
         zero_shot,
-        output=config.output,
-        labels=labels,
-        timer=timer,
-        apply_kwargs=apply_kwargs,
-    )
-    prep = _prepare(
-        model,
-        variables,
-        calib_images,
-        rules=rules,
-        calibration=config.calibration,
-        channel_types=config.channel_types,
-        center_keys=config.center_keys,
-        qk_calibration=config.qk_calibration,
-        equalize_qk=config.equalize_qk,
-        weight_method=config.weight_method,
-        batch_size=config.batch_size,
-        timer=timer,
-        mesh=mesh,
-        apply_kwargs=apply_kwargs,
-        minmax_types=config.minmax_types,
-    )
-    variables = prep.variables
-    layers, images = prep.layers, prep.images
-    if labels is not None:
-        labels = _checked_labels(labels, images.shape[0], prep.fp_outputs, config.output)
-    unknown = sorted(set(dict(config.fixed_layers)) - {l.path for l in layers})
-    if unknown:
-        raise ValueError(f"fixed_layers names unknown layer path(s) {unknown[:5]}")
-    allocated = [i for i, l in enumerate(layers) if l.type not in config.fixed_types]
-    if not allocated:
-        raise ValueError(f"no layer to allocate: every layer's type is in fixed_types={config.fixed_types}")
-    fixed_bits = {l.path: (config.fixed_bits, config.fixed_bits) for l in layers if l.type in config.fixed_types}
-    attn_bits = config.attn_bits or int(np.clip(round(budget if config.budget_kind != "model_bytes" else 4), 2, 8))
-    attention_bits = {p: attn_bits for p in prep.attention}
-    objective_fn = resolve_objective(objective, labels_given=labels is not None, output=config.output)
-    fisher_kind = config.fisher if config.fisher != "auto" else ("empirical" if labels is not None else "true")
-    if fisher_kind == "empirical" and labels is None:
-        raise ValueError("fisher='empirical' needs labels")
-    fisher_labels = labels if fisher_kind == "empirical" else None
-    rng = jax.random.key(config.seed)
-    cands = list(config.candidates)
-    alloc_layers = [layers[i] for i in allocated]
-    dq = DynamicQuantizer(
-        model, replicate(variables, mesh), layers, prep.attention, prep.act_params, apply_kwargs, hessians=prep.hessians
-    )
-    label_array = None if labels is None else jnp.asarray(labels)
-
-    def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
-        outs = jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
-        return float(objective_fn(outs, prep.fp_outputs, label_array))
-
-    j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
-    bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
-
-    if config.metric in ("vtptq", "random"):
-        with timer("metric"):
-            if config.metric == "vtptq":
-                w_term = vtptq_metric(model, variables, images, alloc_layers, prep.act_params, cands, **apply_kwargs)
-            else:
-                w_term = random_costs(len(alloc_layers), cands, config.seed)
-            a_term = np.zeros_like(w_term)
-        fisher = FisherTraces(
-            {l.path: float("nan") for l in alloc_layers}, {l.path: float("nan") for l in alloc_layers}, len(images)
-        )
-        alpha = {t: 1.0 for t in {l.type for l in alloc_layers}}
-        layer_alpha = np.ones(len(alloc_layers))
-        measured, spearman_figures, unit_keys, w_err = {}, {}, [], None
-        bar.update(3)
-    else:
-        with timer("fisher"):
-            bar.set_postfix_str("Fisher traces")
-            fisher = fisher_traces(
-                model,
-                variables,
-                images,
-                alloc_layers,
-                labels=fisher_labels,
-                rng=rng,
-                batch_size=config.batch_size,
-                output=config.output,
-                mesh=mesh,
-                **apply_kwargs,
-            )
-        bar.update()
-        bar.set_postfix_str("quantization errors")
-        with timer("metric"):
-            w_err = weight_errors(variables, alloc_layers, cands)
-            a_err = activation_errors(
-                model, variables, images, alloc_layers, prep.act_params, cands, mesh=mesh, **apply_kwargs
-            )
-            w_term, a_term = predicted_increase(fisher, alloc_layers, w_err, a_err)
-        bar.update()
-        bar.set_postfix_str("single-layer probes")
-        with timer("probe"):
-            alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
-                alloc_layers, w_term, a_term, fisher, config, lambda bits: measure(bits, {}) - j_fp
-            )
-        bar.update()
-    layer_alpha = layer_alpha[:, None]
-
-    # ILP and iterative updates
-    items = _items(alloc_layers, range(len(alloc_layers)), config)
-    allowed = _allowed(items, alloc_layers, config)
-    num_weights = np.array([sum(alloc_layers[i].num_weights for i in mem) for mem in items.members])
-    num_acts = np.array([sum(alloc_layers[i].num_activations for i in mem) for mem in items.members])
-    macs = np.array([sum(alloc_layers[i].macs for i in mem) for mem in items.members])
-    scale_bytes = np.array(
-        [
-            sum(
-                SCALE_BYTES_PER_CHANNEL
-                * int(np.prod([alloc_layers[i].weight_shape[a] for a in alloc_layers[i].out_axes]))
-                for i in mem
-            )
-            for mem in items.members
-        ]
-    )
-    budget_obj = _budget(config, budget, macs)
-
-    def solve(cost_w, cost_a) -> AllocationResult:
-        return allocate_bits(
-            _item_cost(items, cost_w, cost_a),
-            items.weight_bits,
-            items.act_bits,
-            num_weights=num_weights,
-            num_activations=num_acts,
-            macs=macs,
-            scale_bytes=scale_bytes,
-            budget=budget_obj,
-            allowed=allowed,
-            time_limit=config.ilp_time_limit,
-            mip_gap=config.mip_gap,
-        )
-
-    omega_w, omega_a = layer_alpha * w_term, layer_alpha * a_term
-    history = []
-    with timer("ilp"):
-        solution = solve(omega_w, omega_a)
-    assignment = _assignment(items, alloc_layers, solution.choice)
-    with timer("evaluate"):
-        j_value = measure({**assignment, **fixed_bits}, attention_bits) - j_fp
-    history.append(
-        {
-            "round": 0,
-            "bits": assignment,
-            "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
-            "J": j_value,
-            "ilp_status": solution.status,
-            "ilp_objective": solution.objective,
-            "mip_gap": solution.mip_gap,
-            "ilp_seconds": solution.solve_seconds,
-        }
-    )
-    bar.update()
-    best = (j_value, assignment, 0)
-    stale = 0
-    for k in range(1, config.iterations + 1):
-        start = time.perf_counter()
-        spec = QuantSpec.build(layers, {**assignment, **fixed_bits}, attention_bits=attention_bits)
-        with timer("iterations"):
-            point = quant_point(variables, layers, spec, prep.act_params, hessians=prep.hessians)
-            fisher_k = fisher_traces(
-                model,
-                variables,
-                images,
-                alloc_layers,
-                labels=fisher_labels,
-                rng=rng,
-                batch_size=config.batch_size,
-                output=config.output,
-                quant=point,
-                mesh=mesh,
-                **apply_kwargs,
-            )
-            a_err_k = activation_errors(
-                model, variables, images, alloc_layers, prep.act_params, cands, quant=point, mesh=mesh, **apply_kwargs
-            )
-            new_w, new_a = predicted_increase(fisher_k, alloc_layers, w_err, a_err_k)
-            omega_w = config.damping * omega_w + (1 - config.damping) * layer_alpha * new_w
-            omega_a = config.damping * omega_a + (1 - config.damping) * layer_alpha * new_a
-            solution = solve(omega_w, omega_a)
-            new_assignment = _assignment(items, alloc_layers, solution.choice)
-            j_value = measure({**new_assignment, **fixed_bits}, attention_bits) - j_fp
-        history.append(
-            {
-                "round": k,
-                "bits": new_assignment,
-                "omega": _omega_rows(alloc_layers, omega_w, omega_a, cands),
-                "J": j_value,
-                "ilp_status": solution.status,
-                "ilp_objective": solution.objective,
-                "mip_gap": solution.mip_gap,
-                "seconds": time.perf_counter() - start,
-            }
-        )
-        bar.update()
-        if j_value < best[0]:
-            best, stale = (j_value, new_assignment, k), 0
-        else:
-            stale += 1
-        if new_assignment == assignment or stale >= 2:
-            assignment = new_assignment
-            break
-        assignment = new_assignment
-    bar.close()
-
-    final_bits = {**best[1], **fixed_bits}
-    layer_rows = []
-    for j, l in enumerate(alloc_layers):
-        layer_rows.append(
-            {
-                "path": l.path,
-                "type": l.type,
-                "group": item_key(l, config),
-                "num_weights": l.num_weights,
-                "macs": l.macs,
-                "fisher_w": fisher.weight[l.path],
-                "fisher_a": fisher.activation[l.path],
-                "alpha": float(layer_alpha[j, 0]),
-                "omega": {
-                    str(b): float(layer_alpha[j, 0] * (w_term[j, c] + a_term[j, c])) for c, b in enumerate(cands)
-                },
-                "bits": list(final_bits[l.path]),
-            }
-        )
-    extra = {
-        "budget": budget,
-        "budget_kind": config.budget_kind,
-        "config": dataclasses.asdict(config),
-        "objective": objective_name(objective, labels_given=labels is not None, output=config.output),
-        "fisher": fisher_kind,
-        "alpha": alpha,
-        "spearman": spearman_figures,
-        "J_fp": j_fp,
-        "J": best[0],
-        "best_round": best[2],
-        "history": history,
-        "layers": layer_rows,
-        "probes": {unit_keys[k]: v for k, v in measured.items()},
-        **zs_entry,
-    }
-    return _finish(
-        model,
-        variables,
-        prep,
-        final_bits,
-        attention_bits,
-        config.fixed_types,
-        "lampq",
-        extra,
-        timer,
+        mesh,
+        _Timer(),
         apply_kwargs,
-        synthetic,
     )
+    sens = _sensitivity(run)
+    items, solve = _allocation_problem(run.alloc_layers, config, budget)
+    best, history = _iterate(run, sens, items, solve)
+    run.bar.close()
+    return _lampq_result(run, sens, best, history, synthetic, zs_entry)
 
 
 def metric_check(
