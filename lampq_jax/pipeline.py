@@ -634,22 +634,22 @@ def _lampq_run(
     j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
     bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
     run = _LampQRun(
-        model,
-        prep,
-        config,
-        alloc_layers,
-        fixed_bits,
-        {p: attn_bits for p in prep.attention},
-        labels if fisher_kind == "empirical" else None,
-        jax.random.key(config.seed),
-        mesh,
-        dict(apply_kwargs),
-        timer,
-        bar,
-        measure,
-        j_fp,
-        budget,
-        objective_name(objective, labels_given=labels is not None, output=config.output),
+        model=model,
+        prep=prep,
+        config=config,
+        alloc_layers=alloc_layers,
+        fixed_bits=fixed_bits,
+        attention_bits={p: attn_bits for p in prep.attention},
+        fisher_labels=labels if fisher_kind == "empirical" else None,
+        rng=jax.random.key(config.seed),
+        mesh=mesh,
+        apply_kwargs=dict(apply_kwargs),
+        timer=timer,
+        bar=bar,
+        measure=measure,
+        j_fp=j_fp,
+        budget=budget,
+        objective_name=objective_name(objective, labels_given=labels is not None, output=config.output),
     )
     return run, synthetic, zs_entry
 
@@ -684,15 +684,15 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         nan = {l.path: float("nan") for l in layers}
         bar.update(3)
         return _Sensitivity(
-            FisherTraces(nan, dict(nan), len(images)),
-            w_term,
-            np.zeros_like(w_term),
-            None,
-            {t: 1.0 for t in {l.type for l in layers}},
-            np.ones([len(layers), 1]),
-            {},
-            {},
-            [],
+            fisher=FisherTraces(nan, dict(nan), len(images)),
+            w_term=w_term,
+            a_term=np.zeros_like(w_term),
+            w_err=None,
+            alpha={t: 1.0 for t in {l.type for l in layers}},
+            layer_alpha=np.ones([len(layers), 1]),
+            measured={},
+            spearman={},
+            unit_keys=[],
         )
     with timer("fisher"):
         bar.set_postfix_str("Fisher traces")
@@ -724,7 +724,15 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         )
     bar.update()
     return _Sensitivity(
-        fisher, w_term, a_term, w_err, alpha, layer_alpha[:, None], measured, spearman_figures, unit_keys
+        fisher=fisher,
+        w_term=w_term,
+        a_term=a_term,
+        w_err=w_err,
+        alpha=alpha,
+        layer_alpha=layer_alpha[:, None],
+        measured=measured,
+        spearman=spearman_figures,
+        unit_keys=unit_keys,
     )
 
 

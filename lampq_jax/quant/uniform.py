@@ -246,15 +246,7 @@ def fake_quant_ste(x: jax.typing.ArrayLike, params: UniformParams, bits: int) ->
         ∂x̂/∂x = 1  if  -z · s <= x <= (2^b - 1 - z) · s,   else 0
 
     Built as stop_gradient(x̂) + 1[inside] · (x - stop_gradient(x)), so it also works under
-    forward-mode differentiation. The params receive no gradient.
-
-    Args:
-        x: tensor, [...] floating point.
-        params: `UniformParams` broadcastable against `x`.
-        bits: bit-width b in [2, 8], static.
-
-    Returns:
-        x̂ with the shape and dtype of `x`.
+    forward-mode differentiation. The params receive no gradient. Arguments and result as `fake_quant`'s.
     """
     levels = float(num_levels(bits))
     x32, dtype = _as_compute(x)
