@@ -7,7 +7,8 @@ head is saved to benchmarks/results/dinov2_fmnist_probe.npz and reused. The prob
 calibrated on 32 Fashion-MNIST training images outside the probe's training set: calibrated on the
 photos, W8A8 lost 2.6 points (75.1 % against 77.7 %), its ranges set on another domain. Rows: this library's default
 quantizers, the same with every input per tensor (`channel_types=()`, the quantizers before the
-yardstick), the same with query/key equalization, and Qwix 0.1.8's PTQ of the linear layers (its absmax weights, dynamic activations, no
+yardstick), the same with query/key equalization, with every range min-max (`calibration='minmax'`), with the
+patch embedding's input min-max (`minmax_types=('embed',)`), and Qwix 0.1.8's PTQ of the linear layers (its absmax weights, dynamic activations, no
 attention-matmul quantization) as the peer.
 
     python benchmarks/bench_real_vit.py [--bits 8 6 5 4 3] [--probe-bits 8 4 3] [--probe-test 1000]
@@ -131,13 +132,21 @@ def main() -> None:
     settings = [("lampq_jax uniform (default quantizers)", "ours", b) for b in args.bits]
     settings += [("lampq_jax uniform, every input per tensor", "per_tensor", b) for b in (8, 4)]
     settings += [("lampq_jax uniform + query/key equalization", "equalize_qk", b) for b in (8, 4)]
+    settings += [("lampq_jax uniform, every range min-max", "minmax", b) for b in args.bits]
+    settings += [("lampq_jax uniform, embedding input min-max", "embed_minmax", b) for b in (8, 5, 4)]
     settings += [("Qwix 0.1.8 PTQ, linear layers only", "qwix", b) for b in (8, 6, 4, 3)]
     for label, kind, bits in settings:
         start = time.perf_counter()
         if kind == "qwix":
             fn = qwix_apply(model, variables, calib, bits)
         else:
-            options = {"ours": {}, "per_tensor": {"channel_types": ()}, "equalize_qk": {"equalize_qk": True}}[kind]
+            options = {
+                "ours": {},
+                "per_tensor": {"channel_types": ()},
+                "equalize_qk": {"equalize_qk": True},
+                "minmax": {"calibration": "minmax"},
+                "embed_minmax": {"minmax_types": ("embed",)},
+            }[kind]
             result = lampq_jax.quantize_uniform(model, variables, calib, bits, train=False, **options)
             fn = lambda x, r=result: r.apply(x, train=False)  # noqa: E731
         out = np.concatenate([np.asarray(fn(evaluation[i : i + 16])) for i in range(0, len(evaluation), 16)])
