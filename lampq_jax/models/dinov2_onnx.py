@@ -32,6 +32,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
@@ -174,7 +175,10 @@ def load_dinov2_s14(
             flat[_CONFIG_KEY] = np.frombuffer(json.dumps(config).encode(), np.uint8)
             _save_atomic(cache, flat)
     model = build_model({**config, "patch_size": (PATCH_SIZE, PATCH_SIZE), "return_tokens": tokens})
-    return model, variables
+    # Device arrays, not numpy ones: on jax 0.7.2 (Colab's TPU runtime) with numpy 2.4, an un-jitted
+    # model.apply on these numpy leaves gave wrong, run-to-run varying class tokens (max |Δ| ≈ 2–9 against
+    # onnxruntime), while the same leaves as jax arrays, or under jax.jit, match it to 1e-5.
+    return model, jax.device_put(variables)
 
 
 def normalize_imagenet(images: np.ndarray) -> np.ndarray:
