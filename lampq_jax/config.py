@@ -89,7 +89,7 @@ class LampQConfig:
         77.5 % (default 76.7 %, FP 77.7 %), and photo cosine at W5A5 / W4A4 to 0.9671 / 0.8620 (default
         0.9632 / 0.8574), but an earlier run had W5A5 at 0.9571 against 0.9653 (benchmarks/RESULTS.md).
       center_keys: fold each attention's mean key out of its key bias (exact: softmax ignores a shift
-        shared by all keys; `lampq_jax.apply.equalize.center_keys`).
+        shared by all keys; `lampq_jax.apply.equalize`).
       qk_calibration: range method of the q·kᵀ inputs: 'minmax' (no clipping, default) or 'same' (as
         `calibration`).
       weight_method: rounding of the weights on their per-channel grid: 'gptq' (codes chosen against the

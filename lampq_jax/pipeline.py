@@ -33,7 +33,7 @@ from lampq_jax.apply.calibration import (
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.apply.hessians import input_hessians
-from lampq_jax.apply.equalize import center_keys as center_key_means, equalize_query_key
+from lampq_jax.apply.equalize import attention_statistics, fold_key_means, fold_query_key_ratios
 from lampq_jax.config import (
     CHANNEL_TYPES_DEFAULT,
     MINMAX_TYPES_DEFAULT,
@@ -154,6 +154,7 @@ def _prepare(
     rules,
     calibration,
     channel_types,
+    minmax_types,
     center_keys,
     qk_calibration,
     equalize_qk,
@@ -162,7 +163,6 @@ def _prepare(
     timer,
     mesh,
     apply_kwargs,
-    minmax_types=MINMAX_TYPES_DEFAULT,
 ) -> _Prepared:
     images = check_images(calib_images)
     with timer("discovery"):
@@ -170,14 +170,13 @@ def _prepare(
         attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
     with timer("calibration"):
         uncentered = list(attention)
-        if center_keys:
-            variables, uncentered = center_key_means(
-                model, variables, images, attention, batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs
-            )
-        if equalize_qk:
-            variables = equalize_query_key(
-                model, variables, images, attention, batch_size=max(batch_size, 32), mesh=mesh, **apply_kwargs
-            )
+        passes = {"batch_size": max(batch_size, 32), "mesh": mesh, **apply_kwargs}
+        if center_keys and attention:
+            means = attention_statistics(model, variables, images, attention, "key_means", **passes)
+            variables, uncentered = fold_key_means(variables, means)
+        if equalize_qk and attention:
+            ratios = attention_statistics(model, variables, images, attention, "query_key_ratios", **passes)
+            variables = fold_query_key_ratios(variables, ratios)
         minmax_sites = attention_minmax_sites(attention) if qk_calibration == "minmax" else frozenset()
         minmax_sites |= layer_input_sites(layers, minmax_types)
         act_params = calibrate_activations(
@@ -261,7 +260,7 @@ def quantize_uniform(
       minmax_types: layer types whose inputs are calibrated min-max whatever `calibration`, e.g. ('embed',)
         for the image (default none; `LampQConfig.minmax_types`).
       center_keys: fold each attention's mean key out of its key bias (exact in float;
-        `lampq_jax.apply.equalize.center_keys`).
+        `lampq_jax.apply.equalize`).
       qk_calibration: range method of the q·kᵀ inputs: 'minmax' (default) or 'same' (as `calibration`).
       weight_method: rounding of the weights on their per-channel grid: 'gptq' (default; `lampq_jax.quant.gptq`)
         or 'rtn' (round to nearest).
@@ -295,6 +294,7 @@ def quantize_uniform(
         rules=rules,
         calibration=calibration,
         channel_types=channel_types,
+        minmax_types=minmax_types,
         center_keys=center_keys,
         qk_calibration=qk_calibration,
         equalize_qk=equalize_qk,
@@ -303,7 +303,6 @@ def quantize_uniform(
         timer=timer,
         mesh=mesh,
         apply_kwargs=apply_kwargs,
-        minmax_types=minmax_types,
     )
     variables = prep.variables
     layer_bits = {l.path: (fixed_bits, fixed_bits) if l.type in fixed_types else (bits, bits) for l in prep.layers}
@@ -791,6 +790,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[
     config, layers, prep, timer = run.config, run.alloc_layers, run.prep, run.timer
     cands = list(config.candidates)
     omega_w, omega_a = sens.layer_alpha * sens.w_term, sens.layer_alpha * sens.a_term
+    run.bar.set_postfix_str("ILP")
     with timer("ilp"):
         solution = solve(omega_w, omega_a)
     assignment = _assignment(items, layers, solution.choice)
@@ -804,6 +804,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[
     run.bar.update()
     best, stale = (j_value, assignment, 0), 0
     for k in range(1, config.iterations + 1):
+        run.bar.set_postfix_str(f"iteration {k}")
         start = time.perf_counter()
         spec = QuantSpec.build(prep.layers, {**assignment, **run.fixed_bits}, attention_bits=run.attention_bits)
         with timer("iterations"):

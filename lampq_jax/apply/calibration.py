@@ -100,11 +100,11 @@ def per_batch(
     model: nn.Module,
     args: tuple,
     images: np.ndarray,
-    *,
     batch_size: int,
-    mesh: Optional[Mesh] = None,
-    split: bool = True,
+    mesh: Optional[Mesh],
     apply_kwargs: Mapping[str, Any],
+    *,
+    split: bool = True,
     **static: Any,
 ) -> Iterable[Any]:
     """Host copies of `batch_fn(*args, batch, model=, kwargs=, **static)`, one per batch of `images`.
@@ -207,17 +207,8 @@ def collect_site_samples(
     lo: dict[str, Any] = {}
     hi: dict[str, Any] = {}
     static = {"layer_paths": layer_paths, "attention_paths": attention_paths, "max_samples": max_samples}
-    for stats in per_batch(
-        _batch_stats,
-        model,
-        (variables,),
-        images,
-        batch_size=batch_size,
-        mesh=mesh,
-        apply_kwargs=apply_kwargs,
-        channel_sites=channel_sites,
-        **static,
-    ):
+    static["channel_sites"] = channel_sites
+    for stats in per_batch(_batch_stats, model, (variables,), images, batch_size, mesh, apply_kwargs, **static):
         for site, (values, mn, mx) in stats.items():
             samples.setdefault(site, []).append(values)
             lo[site] = np.minimum(lo.get(site, np.inf), mn)

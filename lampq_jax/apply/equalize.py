@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -48,14 +48,30 @@ from lampq_jax.apply.calibration import intercepted_apply, per_batch
 MAX_RATIO = 100.0
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths"))
-def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
-    """{attention path: (max |q| [heads, head_dim], max |k| [heads, head_dim])} over one batch."""
-    found: dict[str, jax.Array] = {}
+def _query_key_absmax(site: str, x: jax.Array) -> Optional[jax.Array]:
+    """max |x| over all but the last two axes [heads, head_dim], at a query or key site."""
+    if site.endswith(("/q", "/k")):
+        return jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 2)))
+    return None
+
+
+def _key_sums(site: str, x: jax.Array) -> Optional[tuple[jax.Array, int]]:
+    """(Σ k over the tokens of each image [batch, heads, head_dim], tokens per image), at a key site."""
+    if site.endswith("/k"):
+        x = x.astype(jnp.float32)
+        return jnp.sum(x, axis=tuple(range(1, x.ndim - 2))), math.prod(x.shape[1:-2])
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths", "at_site"))
+def _batch_statistic(variables, batch, *, model, kwargs, attention_paths, at_site):
+    """{site: at_site(site, x)} over one batch, for the attention sites where `at_site` is not None."""
+    found: dict[str, Any] = {}
 
     def on_site(site, x):
-        if site.endswith(("/q", "/k")):
-            found[site] = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=tuple(range(x.ndim - 2)))
+        value = at_site(site, x)
+        if value is not None:
+            found[site] = value
         return x
 
     intercepted_apply(
@@ -64,29 +80,10 @@ def _batch_absmax(variables, batch, *, model, kwargs, attention_paths):
     return found
 
 
-def query_key_ratios(
-    model: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    attention_paths: Sequence[str],
-    *,
-    batch_size: int = 32,
-    mesh: Optional[Mesh] = None,
-    **apply_kwargs: Any,
-) -> dict[str, np.ndarray]:
-    """{attention path: r [heads, head_dim]}, r = sqrt(max|k| / max|q|) over `images`, clipped to [1/100, 100]
-    (batches split over `mesh`, None: all devices)."""
+def _ratios(batches: Iterable[dict], attention_paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """{path: sqrt(max|k| / max|q|)} from per-batch absmax, clipped to [1 / MAX_RATIO, MAX_RATIO]."""
     absmax: dict[str, np.ndarray] = {}
-    for found in per_batch(
-        _batch_absmax,
-        model,
-        (variables,),
-        images,
-        batch_size=batch_size,
-        mesh=mesh,
-        apply_kwargs=apply_kwargs,
-        attention_paths=frozenset(attention_paths),
-    ):
+    for found in batches:
         for site, value in found.items():
             absmax[site] = np.maximum(absmax.get(site, 0.0), value)
     ratios = {}
@@ -95,6 +92,47 @@ def query_key_ratios(
         ratio = np.sqrt(np.maximum(k, 1e-12) / np.maximum(q, 1e-12))
         ratios[path] = np.clip(ratio, 1.0 / MAX_RATIO, MAX_RATIO).astype(np.float32)
     return ratios
+
+
+def _means(batches: Iterable[dict], attention_paths: Sequence[str]) -> dict[str, np.ndarray]:
+    """{path: μ} from per-batch key sums, added per image in float64 and in image order."""
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+    for found in batches:
+        for site, (per_image, tokens) in found.items():
+            sums[site] = sums.get(site, 0.0) + np.sum(np.asarray(per_image, np.float64), axis=0)
+            counts[site] = counts.get(site, 0) + int(tokens) * per_image.shape[0]
+    return {p: (sums[f"{p}/k"] / counts[f"{p}/k"]).astype(np.float32) for p in attention_paths}
+
+
+# statistic → (what a batch gives at a site, how the batches are reduced).
+STATISTICS = {"key_means": (_key_sums, _means), "query_key_ratios": (_query_key_absmax, _ratios)}
+
+
+def attention_statistics(
+    model: nn.Module,
+    variables: Any,
+    images: np.ndarray,
+    attention_paths: Sequence[str],
+    statistic: str,
+    *,
+    batch_size: int = 32,
+    mesh: Optional[Mesh] = None,
+    **apply_kwargs: Any,
+) -> dict[str, np.ndarray]:
+    """{attention path: [heads, head_dim]} over `images` (batches split over `mesh`, None: all devices):
+
+    - 'key_means': μ, the mean key over every token. Per-image sums are added on the host in float64, in image
+      order, so that μ does not depend on how a batch was split (it is folded into the variables that
+      everything after uses).
+    - 'query_key_ratios': r = sqrt(max|k| / max|q|), clipped to [1/100, 100].
+    """
+    if statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {sorted(STATISTICS)}, got {statistic!r}")
+    at_site, reduce = STATISTICS[statistic]
+    static = {"attention_paths": frozenset(attention_paths), "at_site": at_site}
+    batches = per_batch(_batch_statistic, model, (variables,), images, batch_size, mesh, apply_kwargs, **static)
+    return reduce(batches, attention_paths)
 
 
 def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
@@ -115,54 +153,6 @@ def fold_query_key_ratios(variables: Any, ratios: dict[str, np.ndarray]) -> Any:
                 elif leaf == "kernel":
                     raise ValueError(f"attention {path!r} has no {name} kernel at 'params/{key}'")
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}
-
-
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths"))
-def _batch_key_sums(variables, batch, *, model, kwargs, attention_paths):
-    """{attention path: (Σ k [batch, heads, head_dim] per image, keys per image)} over one batch."""
-    found: dict[str, tuple[jax.Array, int]] = {}
-
-    def on_site(site, x):
-        if site.endswith("/k"):
-            x = x.astype(jnp.float32)
-            found[site[: -len("/k")]] = (jnp.sum(x, axis=tuple(range(1, x.ndim - 2))), math.prod(x.shape[1:-2]))
-        return x
-
-    intercepted_apply(
-        model, variables, batch, kwargs, on_site, layer_paths=frozenset(), attention_paths=attention_paths
-    )
-    return found
-
-
-def key_means(
-    model: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    attention_paths: Sequence[str],
-    *,
-    batch_size: int = 32,
-    mesh: Optional[Mesh] = None,
-    **apply_kwargs: Any,
-) -> dict[str, np.ndarray]:
-    """{attention path: μ [heads, head_dim]}, the mean key over every token of `images` (batches split over
-    `mesh`, None: all devices). Per-image sums are added on the host in float64, in image order, so that μ
-    does not depend on how a batch was split (it is folded into the variables that everything after uses)."""
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, int] = {}
-    for found in per_batch(
-        _batch_key_sums,
-        model,
-        (variables,),
-        images,
-        batch_size=batch_size,
-        mesh=mesh,
-        apply_kwargs=apply_kwargs,
-        attention_paths=frozenset(attention_paths),
-    ):
-        for path, (per_image, count) in found.items():
-            sums[path] = sums.get(path, 0.0) + np.sum(np.asarray(per_image, np.float64), axis=0)
-            counts[path] = counts.get(path, 0) + int(count) * per_image.shape[0]
-    return {p: (sums[p] / counts[p]).astype(np.float32) for p in attention_paths}
 
 
 def fold_key_means(variables: Any, means: dict[str, np.ndarray]) -> tuple[Any, list[str]]:
@@ -188,40 +178,3 @@ def fold_key_means(variables: Any, means: dict[str, np.ndarray]) -> tuple[Any, l
             )
         flat[key] = (jnp.asarray(bias, jnp.float32) - mean).astype(bias.dtype)
     return {**dict(variables), "params": unflatten_dict(flat, sep="/")}, without_bias
-
-
-def center_keys(
-    model: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    attention_paths: Sequence[str],
-    *,
-    batch_size: int = 32,
-    mesh: Optional[Mesh] = None,
-    **apply_kwargs: Any,
-) -> tuple[Any, list[str]]:
-    """(the variables with every attention's mean key folded out of its key bias, the paths left as they were
-    because their key has no bias); see the module docstring."""
-    if not attention_paths:
-        return variables, []
-    means = key_means(model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh, **apply_kwargs)
-    return fold_key_means(variables, means)
-
-
-def equalize_query_key(
-    model: nn.Module,
-    variables: Any,
-    images: np.ndarray,
-    attention_paths: Sequence[str],
-    *,
-    batch_size: int = 32,
-    mesh: Optional[Mesh] = None,
-    **apply_kwargs: Any,
-) -> Any:
-    """The variables with every attention's query/key pair equalized on `images` (module docstring)."""
-    if not attention_paths:
-        return variables
-    ratios = query_key_ratios(
-        model, variables, images, attention_paths, batch_size=batch_size, mesh=mesh, **apply_kwargs
-    )
-    return fold_query_key_ratios(variables, ratios)

@@ -66,16 +66,8 @@ def input_hessians(
         return {}
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    for found in per_batch(
-        _batch_grams,
-        model,
-        (variables,),
-        images,
-        batch_size=batch_size,
-        split=False,
-        apply_kwargs=apply_kwargs,
-        input_axes=tuple(sorted(input_axes.items())),
-    ):
+    static = {"split": False, "input_axes": tuple(sorted(input_axes.items()))}
+    for found in per_batch(_batch_grams, model, (variables,), images, batch_size, None, apply_kwargs, **static):
         for path, (gram, rows) in found.items():
             sums[path] = sums.get(path, 0.0) + np.asarray(gram, np.float64)
             counts[path] = counts.get(path, 0) + int(rows)

@@ -93,17 +93,8 @@ def activation_errors(
         state = DynamicBits({}, {}, {})
     tables = {p: np.asarray(act_params[p]) for p in paths}
     total = {p: np.zeros(len(candidates)) for p in paths}
-    for found in per_batch(
-        _batch_activation_errors,
-        model,
-        (variables, tables, state),
-        images,
-        batch_size=batch_size,
-        mesh=mesh,
-        apply_kwargs=apply_kwargs,
-        paths=paths,
-        candidates=tuple(candidates),
-    ):
+    args, static = (variables, tables, state), {"paths": paths, "candidates": tuple(candidates)}
+    for found in per_batch(_batch_activation_errors, model, args, images, batch_size, mesh, apply_kwargs, **static):
         for site, errs in found.items():
             total[site] += np.sum(np.asarray(errs, np.float64), axis=0)  # per image, in order: split-independent
     return np.stack([total[p] / images.shape[0] for p in paths])

@@ -79,19 +79,22 @@ def test_error_falls_with_bits_on_a_197_token_vit():
 
 
 def test_query_key_equalization_is_exact_and_balances_channel_ranges(tiny_vit):
-    from lampq_jax.apply.equalize import equalize_query_key, query_key_ratios
+    from lampq_jax.apply.equalize import attention_statistics, fold_query_key_ratios
     from lampq_jax.apply.sites import find_attention_paths
 
     model, variables, images = tiny_vit
     attention = find_attention_paths(model, variables, images[:1], train=False)
-    equalized = equalize_query_key(model, variables, images, attention, train=False)
+    before = attention_statistics(model, variables, images, attention, "query_key_ratios", train=False)
+    equalized = fold_query_key_ratios(variables, before)
     np.testing.assert_allclose(
         model.apply(equalized, images, train=False), model.apply(variables, images, train=False), rtol=1e-4, atol=1e-5
     )
-    ratios = query_key_ratios(model, equalized, images, attention, train=False)
+    ratios = attention_statistics(model, equalized, images, attention, "query_key_ratios", train=False)
     for path in attention:  # after the fold, max|q_d| = max|k_d| for every channel: the ratios are 1
         np.testing.assert_allclose(ratios[path], 1.0, rtol=1e-3)
-    assert not np.allclose(query_key_ratios(model, variables, images, attention, train=False)[attention[0]], 1.0)
+    assert not np.allclose(before[attention[0]], 1.0)
+    with pytest.raises(ValueError, match="statistic must be one of.*'key_max'"):
+        attention_statistics(model, variables, images, attention, "key_max", train=False)
 
 
 def test_silent_channels_get_the_median_range():
