@@ -27,28 +27,16 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lampq_jax.kernels.tiling import (
-    BlockSizes,
-    canonical_backend,
-    compiler_params,
-    fit_block,
-    next_power_of_two,
-    resolve_interpret,
-    round_up,
-)
+from lampq_jax.kernels import tiling
+from lampq_jax.kernels.tiling import BlockSizes, canonical_backend, compiler_params, fit_block, fit_rows
+from lampq_jax.kernels.tiling import resolve_block_sizes, resolve_interpret
 
 _OUT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
-
-_DEFAULT_BLOCK_SIZES = {
-    "tpu": BlockSizes(block_m=128, block_n=256, block_k=512),
-    "gpu": BlockSizes(block_m=64, block_n=128, block_k=128),
-    "cpu": BlockSizes(block_m=128, block_n=256, block_k=512),
-}
 
 
 def default_block_sizes(backend: str | None = None) -> BlockSizes:
     """Default ``BlockSizes`` for ``"tpu"``, ``"gpu"`` or ``"cpu"`` (default: JAX's backend)."""
-    return _DEFAULT_BLOCK_SIZES[canonical_backend(backend)]
+    return tiling.default_block_sizes("int8", backend)
 
 
 def int8_matmul_kernel(x_ref, w_ref, x_scale_ref, w_scale_ref, o_ref, *, num_k_blocks, block_k):
@@ -123,10 +111,7 @@ def int8_matmul(
     w_codes, w_scale = jnp.asarray(w_codes), jnp.asarray(w_scale)
     _check_inputs(x_codes, x_scale, w_codes, w_scale, out_dtype)
     backend = canonical_backend(backend)
-    if block_sizes is None:
-        block_sizes = default_block_sizes(backend)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    block_sizes = resolve_block_sizes("int8", block_sizes, backend)
     if x_codes.shape[0] == 0:
         return jnp.zeros((0, w_codes.shape[1]), out_dtype)
     return _int8_matmul(
@@ -146,8 +131,7 @@ def _int8_matmul(x_codes, x_scale, w_codes, w_scale, *, block_sizes, out_dtype, 
     (m, k), n = x_codes.shape, w_codes.shape[1]
     bs = block_sizes
     # int8 tiles are (32, 128) on TPU and Triton's int8 dot wants >= 32 rows: floor M at 32.
-    block_m = min(bs.block_m, max(min(bs.block_m, 32), next_power_of_two(m)))
-    m_pad = round_up(m, block_m)
+    block_m, m_pad = fit_rows(m, bs.block_m, 32)
     block_n, n_pad = fit_block(n, bs.block_n, 128)
     block_k, k_pad = fit_block(k, bs.block_k, 128)
     num_k_blocks = k_pad // block_k

@@ -55,6 +55,42 @@ def canonical_backend(backend: str | None = None) -> str:
     raise ValueError(f"backend must be 'tpu', 'gpu' or 'cpu', got {backend!r}")
 
 
+# Default upper bounds on the tiles, per kernel and backend.
+# - TPU: lane-dense 256-wide output tiles; 512-code K chunks keep 4-bit dots 256 deep.
+# - GPU (Triton): tiles sized for registers / shared memory (M shrinks to 16 for decode).
+# - CPU runs the kernels in interpret mode: big tiles mean few grid steps.
+_TPU_AND_CPU = BlockSizes(block_m=128, block_n=256, block_k=512)
+DEFAULT_BLOCK_SIZES = {
+    "int8": {"tpu": _TPU_AND_CPU, "gpu": BlockSizes(block_m=64, block_n=128, block_k=128), "cpu": _TPU_AND_CPU},
+    "weight_only": {"tpu": _TPU_AND_CPU, "gpu": BlockSizes(block_m=64, block_n=128, block_k=256), "cpu": _TPU_AND_CPU},
+}
+
+
+def default_block_sizes(kernel: str, backend: str | None = None) -> BlockSizes:
+    """Default ``BlockSizes`` of ``kernel`` (``"int8"``, ``"weight_only"``) on ``backend`` (default: JAX's)."""
+    return DEFAULT_BLOCK_SIZES[kernel][canonical_backend(backend)]
+
+
+def resolve_block_sizes(kernel: str, block_sizes: BlockSizes | None, backend: str) -> BlockSizes:
+    """``block_sizes``, or ``kernel``'s default on ``backend`` when it is None.
+
+    Raises:
+      TypeError: ``block_sizes`` is neither None nor a ``BlockSizes``.
+    """
+    if block_sizes is None:
+        return default_block_sizes(kernel, backend)
+    if not isinstance(block_sizes, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    return block_sizes
+
+
+def fit_rows(m: int, block_m: int, minimum: int) -> tuple[int, int]:
+    """(block, padded M) for the M axis: the smallest power of two ≥ M, at least ``min(block_m, minimum)``
+    and at most ``block_m``."""
+    block = min(block_m, max(min(block_m, minimum), next_power_of_two(m)))
+    return block, round_up(m, block)
+
+
 def resolve_interpret(interpret):
     """``interpret=None`` means: interpret on CPU (no Pallas compiler there), compile elsewhere."""
     if interpret is None:
@@ -113,4 +149,13 @@ def fit_block(dim: int, block: int, minimum: int) -> tuple[int, int]:
     return b, round_up(dim, b)
 
 
-__all__ = ["BlockSizes", "canonical_backend", "compiler_params", "fit_block", "resolve_interpret"]
+__all__ = [
+    "BlockSizes",
+    "canonical_backend",
+    "compiler_params",
+    "default_block_sizes",
+    "fit_block",
+    "fit_rows",
+    "resolve_block_sizes",
+    "resolve_interpret",
+]

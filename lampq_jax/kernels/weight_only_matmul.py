@@ -38,33 +38,18 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from lampq_jax.kernels.tiling import (
-    BlockSizes,
-    canonical_backend,
-    compiler_params,
-    fit_block,
-    next_power_of_two,
-    resolve_interpret,
-    round_up,
-)
+from lampq_jax.kernels import tiling
+from lampq_jax.kernels.tiling import BlockSizes, canonical_backend, compiler_params, fit_block, fit_rows
+from lampq_jax.kernels.tiling import resolve_block_sizes, resolve_interpret
 from lampq_jax.quant import packing
 from lampq_jax.quant.qtensor import QuantizedTensor
 
 _ACTIVATION_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
-_DEFAULT_BLOCK_SIZES = {
-    # TPU: lane-dense 256-wide output tiles; 512-code K chunks keep 4-bit dots 256 deep.
-    "tpu": BlockSizes(block_m=128, block_n=256, block_k=512),
-    # GPU (Triton): tiles sized for registers/shared memory; M shrinks to 16 for decode.
-    "gpu": BlockSizes(block_m=64, block_n=128, block_k=256),
-    # CPU runs the kernel in interpret mode: big tiles mean few grid steps.
-    "cpu": BlockSizes(block_m=128, block_n=256, block_k=512),
-}
-
 
 def default_block_sizes(backend: str | None = None) -> BlockSizes:
     """Default ``BlockSizes`` for ``"tpu"``, ``"gpu"`` or ``"cpu"`` (default: JAX's backend)."""
-    return _DEFAULT_BLOCK_SIZES[canonical_backend(backend)]
+    return tiling.default_block_sizes("weight_only", backend)
 
 
 def weight_only_matmul_kernel(*refs, fields, row_offsets, num_k_blocks, block_k, precision):
@@ -163,10 +148,7 @@ def weight_only_matmul(
     x = jnp.asarray(x)
     _check_inputs(x, qw, out_dtype)
     backend = canonical_backend(backend)
-    if block_sizes is None:
-        block_sizes = default_block_sizes(backend)
-    elif not isinstance(block_sizes, BlockSizes):
-        raise TypeError(f"block_sizes must be a BlockSizes, got {type(block_sizes).__name__}")
+    block_sizes = resolve_block_sizes("weight_only", block_sizes, backend)
     out_dtype = jnp.dtype(x.dtype if out_dtype is None else out_dtype)
     if x.shape[0] == 0:
         return jnp.zeros((0, qw.matrix_shape[1]), out_dtype)
@@ -200,8 +182,7 @@ def _weight_only_matmul(x, packed, scale, zero_point, *, bits, k, block_sizes, o
     n = packed.shape[1]
     fields = packing.packed_fields(bits)
     bs = block_sizes
-    block_m = min(bs.block_m, max(min(bs.block_m, 16), next_power_of_two(m)))
-    m_pad = round_up(m, block_m)
+    block_m, m_pad = fit_rows(m, bs.block_m, 16)
     block_n, n_pad = fit_block(n, bs.block_n, 128)
     block_k, k_pad = fit_block(packing.padded_length(k, bits), bs.block_k, 128)
     num_k_blocks = k_pad // block_k
