@@ -52,18 +52,26 @@ def _log_sqrt2(x: jax.Array, scale: jax.Array, levels: float) -> jax.Array:
     return jnp.where(underflow, 0.0, scale * _sqrt2_power(q))
 
 
-def fake_quant_log_sqrt2(x: jax.typing.ArrayLike, bits: int, *, scale: jax.typing.ArrayLike = 1.0) -> jax.Array:
+def fake_quant_log_sqrt2(
+    x: jax.typing.ArrayLike, bits: int, *, scale: jax.typing.ArrayLike = 1.0, ste: bool = False
+) -> jax.Array:
     """Log-√2 fake quantization (RepQ-ViT) of values in [0, s].
 
         q = clip(round(-2 · log2(x / s)), 0, 2^b - 1),   x̂ = s · 2^(-q / 2)
 
-    and x̂ = 0 where round(-2 · log2(x / s)) > 2^b - 1 or x <= 0.
+    and x̂ = 0 where round(-2 · log2(x / s)) > 2^b - 1 or x <= 0. With `ste`, the gradient is
+    straight-through:
+
+        ∂x̂/∂x = 1  if  s · 2^(-(2^b - 1)/2) <= x <= s  (and x > 0),   else 0
+
+    i.e. identity between the smallest nonzero level and the top level; `scale` receives none.
 
     Args:
         x: post-softmax values, [...] floating point, expected in [0, s].
         bits: bit-width b in [2, 8], static.
         scale: the top level s > 0 (1 for softmax); a float or an array broadcastable
             against `x` (say one per head).
+        ste: the straight-through gradient above (default: the gradient of the rounding, 0 a.e.).
 
     Returns:
         x̂ with the shape and dtype of `x`.
@@ -74,40 +82,18 @@ def fake_quant_log_sqrt2(x: jax.typing.ArrayLike, bits: int, *, scale: jax.typin
     levels = float(num_levels(bits))
     _check_scale(scale)
     x32, dtype = _as_compute(x)
-    return _fake_quant_log_sqrt2(x32, jnp.asarray(scale, x32.dtype), levels=levels, dtype=dtype)
-
-
-@functools.partial(jax.jit, static_argnames=("levels", "dtype"))
-def _fake_quant_log_sqrt2(x32: jax.Array, scale: jax.Array, *, levels: float, dtype: jnp.dtype) -> jax.Array:
-    return _log_sqrt2(x32, scale, levels).astype(dtype)
+    return _fake_quant_log_sqrt2(x32, jnp.asarray(scale, x32.dtype), levels=levels, dtype=dtype, ste=ste)
 
 
 def fake_quant_log_sqrt2_ste(x: jax.typing.ArrayLike, bits: int, *, scale: jax.typing.ArrayLike = 1.0) -> jax.Array:
-    """`fake_quant_log_sqrt2` with a straight-through estimator for the gradient.
-
-    Forward: as `fake_quant_log_sqrt2`. Backward:
-
-        ∂x̂/∂x = 1  if  s · 2^(-(2^b - 1)/2) <= x <= s  (and x > 0),   else 0
-
-    i.e. identity between the smallest nonzero level and the top level. `scale` receives no
-    gradient.
-
-    Args:
-        x: post-softmax values, [...] floating point.
-        bits: bit-width b in [2, 8], static.
-        scale: the top level s > 0; a float or an array broadcastable against `x`.
-
-    Returns:
-        x̂ with the shape and dtype of `x`.
-    """
-    levels = float(num_levels(bits))
-    _check_scale(scale)
-    x32, dtype = _as_compute(x)
-    return _fake_quant_log_sqrt2_ste(x32, jnp.asarray(scale, x32.dtype), levels=levels, dtype=dtype)
+    """`fake_quant_log_sqrt2(x, bits, scale=scale, ste=True)`."""
+    return fake_quant_log_sqrt2(x, bits, scale=scale, ste=True)
 
 
-@functools.partial(jax.jit, static_argnames=("levels", "dtype"))
-def _fake_quant_log_sqrt2_ste(x32: jax.Array, scale: jax.Array, *, levels: float, dtype: jnp.dtype) -> jax.Array:
+@functools.partial(jax.jit, static_argnames=("levels", "dtype", "ste"))
+def _fake_quant_log_sqrt2(x32: jax.Array, scale: jax.Array, *, levels: float, dtype: jnp.dtype, ste: bool) -> jax.Array:
+    if not ste:
+        return _log_sqrt2(x32, scale, levels).astype(dtype)
     s = jax.lax.stop_gradient(scale)
     frozen = jax.lax.stop_gradient(x32)
     x_hat = _log_sqrt2(frozen, s, levels)
