@@ -380,6 +380,23 @@ def _posemb_sincos_2d(h: int, w: int, dim: int, temperature: float = 10_000.0) -
 # timm.
 
 
+def _vit_config(
+    num_classes, hidden, depth, mlp_dim, num_heads, patch, representation_size, distillation, layer_scale
+) -> dict[str, Any]:
+    """The `create_vit` config fields that a converter reads off a checkpoint's shapes and keys."""
+    return dict(
+        num_classes=num_classes,
+        hidden_size=hidden,
+        num_layers=depth,
+        mlp_dim=mlp_dim,
+        num_heads=num_heads,
+        patch_size=tuple(patch),
+        representation_size=representation_size,
+        distillation_token=distillation,
+        layer_scale_init=_LAYER_SCALE_PLACEHOLDER if layer_scale else None,
+    )
+
+
 def from_timm(
     state_dict: Mapping[str, Any],
     *,
@@ -541,20 +558,9 @@ def from_timm(
         out, flat, norm="norm", pre_logits="pre_logits.fc" if pre_logits else None, head="head" if head else None
     )
 
-    config = dict(
-        num_classes=num_classes,
-        hidden_size=hidden,
-        num_layers=depth,
-        mlp_dim=mlp_dim,
-        num_heads=num_heads,
-        patch_size=(ph, pw),
-        classifier="token" if has_cls else "gap",
-        representation_size=representation_size,
-        distillation_token=has_dist,
-        layer_scale_init=_LAYER_SCALE_PLACEHOLDER if layer_scale else None,
-        layer_norm_epsilon=1e-6,
-        gelu_approximate=False,
-    )
+    sizes = (num_classes, hidden, depth, mlp_dim, num_heads, (ph, pw), representation_size)
+    config = _vit_config(*sizes, has_dist, layer_scale)
+    config.update(classifier="token" if has_cls else "gap", layer_norm_epsilon=1e-6, gelu_approximate=False)
     return _finish(out), config
 
 
@@ -752,20 +758,9 @@ def from_huggingface(
         head="classifier" if classifier else None,
     )
 
-    config_out = dict(
-        num_classes=num_classes,
-        hidden_size=hidden,
-        num_layers=depth,
-        mlp_dim=mlp_dim,
-        num_heads=num_heads,
-        patch_size=(ph, pw),
-        classifier="token",
-        representation_size=representation_size,
-        distillation_token=has_dist,
-        layer_scale_init=_LAYER_SCALE_PLACEHOLDER if layer_scale else None,
-        layer_norm_epsilon=eps,
-        gelu_approximate=_HF_GELU[act],
-    )
+    sizes = (num_classes, hidden, depth, mlp_dim, num_heads, (ph, pw), representation_size)
+    config_out = _vit_config(*sizes, has_dist, layer_scale)
+    config_out.update(classifier="token", layer_norm_epsilon=eps, gelu_approximate=_HF_GELU[act])
     return _finish(out), config_out
 
 

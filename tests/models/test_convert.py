@@ -8,16 +8,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.traverse_util import unflatten_dict
 
-from lampq_jax.models.convert import (
-    build_model,
-    from_augreg_npz,
-    from_big_vision,
-    from_huggingface,
-    from_timm,
-    resize_pos_embedding,
-    unstack_scanned,
-)
+from lampq_jax.models import build_model, from_augreg_npz, from_big_vision, from_huggingface, from_timm
+from lampq_jax.models import resize_pos_embedding, unstack_scanned
 from lampq_jax.models.vit import create_vit
 
 TOL = 1e-4  # max abs difference to the reference framework, float32
@@ -367,14 +361,7 @@ def _to_big_vision(params, scan=False):
             stacked.setdefault(rest, {})[int(i)] = out.pop(key)
         for rest, by_layer in stacked.items():
             out[f"Transformer/encoderblock/{rest}"] = np.stack([by_layer[i] for i in sorted(by_layer)])
-    nested = {}
-    for key, value in out.items():
-        node = nested
-        *parents, leaf = key.split("/")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
-    return nested
+    return unflatten_dict(out, sep="/")
 
 
 @pytest.mark.parametrize("scan", [False, True])
