@@ -54,18 +54,8 @@ def rows_for(args) -> tuple[list[dict], float]:
             start = time.perf_counter()
             ptq = lampq_jax.quantize(model, variables, calib, budget=budget, config=config, train=False)
             ptq_seconds = time.perf_counter() - start
-            tuned = finetune(
-                ptq,
-                variables,
-                train,
-                steps=args.steps,
-                batch_size=args.batch,
-                learning_rate=args.lr,
-                validation=validation,
-                seed=seed,
-                progress=False,
-                train=False,
-            )
+            schedule = {"steps": args.steps, "batch_size": args.batch, "learning_rate": args.lr, "seed": seed}
+            tuned = finetune(ptq, variables, train, **schedule, validation=validation, progress=False, train=False)
             rows.append(
                 {
                     "budget": budget,
@@ -117,18 +107,8 @@ def real_vit_part(args) -> dict:
         model, variables, calib, budget=args.vit_budget, config=config, objective="cosine", train=False
     )
     ptq_seconds = time.perf_counter() - start
-    tuned = finetune(
-        ptq,
-        variables,
-        train,
-        steps=args.vit_steps,
-        batch_size=args.vit_batch,
-        learning_rate=args.lr,
-        validation=calib,
-        eval_every=10,
-        progress=True,
-        train=False,
-    )
+    schedule = {"steps": args.vit_steps, "batch_size": args.vit_batch, "learning_rate": args.lr, "eval_every": 10}
+    tuned = finetune(ptq, variables, train, **schedule, validation=calib, progress=True, train=False)
     record = {
         "budget": args.vit_budget,
         "fp_probe": probe_accuracy(probe, batched(fp_fn, test_x), test_y),

@@ -100,42 +100,14 @@ def test_cli_finetune_after_lampq(files, tmp_path, capsys):
 
 
 def zero_shot_args(files, out, *extra):
-    return [
-        "quantize",
-        "--checkpoint",
-        str(files / "vit.msgpack"),
-        "--model-config",
-        str(files / "vit.json"),
-        "--out",
-        str(out),
-        *FAST,
-        *extra,
-    ]
+    model = ["--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json")]
+    return ["quantize", *model, "--out", str(out), *FAST, *extra]
 
 
 def test_cli_zero_shot_writes_the_synthetic_set(files, tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        main(
-            zero_shot_args(
-                files,
-                out,
-                "--zero-shot",
-                "4",
-                "--zero-shot-steps",
-                "3",
-                "--image-size",
-                "28",
-                "--channels",
-                "1",
-                "--normalize",
-                "unit",
-                "--budget",
-                "4",
-            )
-        )
-        == 0
-    )
+    flags = "--zero-shot 4 --zero-shot-steps 3 --image-size 28 --channels 1 --normalize unit --budget 4".split()
+    assert main(zero_shot_args(files, out, *flags)) == 0
     assert "calibration: zero-shot: 4 images (28, 28, 1) synthesized in 3 steps" in capsys.readouterr().out
     assert {"zero_shot_images.npz", "zero_shot_images.png"} <= set(os.listdir(out))
     with np.load(out / "zero_shot_images.npz") as f:
@@ -263,40 +235,15 @@ def photo_folder(tmp_path_factory):
 
 
 def photo_args(folder, out, *extra):
-    return [
-        "quantize",
-        "--checkpoint",
-        str(folder.parent / "features.msgpack"),
-        "--model-config",
-        str(folder.parent / "features.json"),
-        "--calib",
-        str(folder),
-        "--out",
-        str(out),
-        *FAST,
-        *extra,
-    ]
+    weights, config = folder.parent / "features.msgpack", folder.parent / "features.json"
+    model = ["--checkpoint", str(weights), "--model-config", str(config)]
+    return ["quantize", *model, "--calib", str(folder), "--out", str(out), *FAST, *extra]
 
 
 def test_cli_photo_folder_feature_backbone_end_to_end(photo_folder, tmp_path, capsys):
     out = tmp_path / "run"
-    assert (
-        main(
-            photo_args(
-                photo_folder,
-                out,
-                "--image-size",
-                "28",
-                "--normalize",
-                "imagenet",
-                "--output",
-                "features",
-                "--budget",
-                "4",
-            )
-        )
-        == 0
-    )
+    flags = "--image-size 28 --normalize imagenet --output features --budget 4".split()
+    assert main(photo_args(photo_folder, out, *flags)) == 0
     assert "calibration: 6 JPEG/PNG image(s)" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     assert (
@@ -307,23 +254,8 @@ def test_cli_photo_folder_feature_backbone_end_to_end(photo_folder, tmp_path, ca
     assert "calibration objective cosine" in report and "attention matmuls quantized at 8 sites" in report
     stored = json.loads((out / "result" / "report.json").read_text())["report"]
     assert stored["config"]["output"] == "features" and "normalized 'imagenet'" in stored["preprocessing"]
-    assert (
-        main(
-            photo_args(
-                photo_folder,
-                tmp_path / "kl",
-                "--image-size",
-                "28",
-                "--normalize",
-                "minus1_1",
-                "--output",
-                "features",
-                "--objective",
-                "kl",
-            )
-        )
-        == 0
-    )
+    flags = "--image-size 28 --normalize minus1_1 --output features --objective kl".split()
+    assert main(photo_args(photo_folder, tmp_path / "kl", *flags)) == 0
     assert "calibration objective kl" in (tmp_path / "kl" / "report.md").read_text()
 
 
