@@ -27,7 +27,7 @@ import numpy as np
 from common import write_json, write_section
 
 import lampq_jax
-from lampq_jax.export import container_bits, export_nbytes, export_result
+from lampq_jax.deploy.export import container_bits, export_nbytes, export_result
 from lampq_jax.quant.qtensor import QuantizedTensor
 
 GOAL = 0.14

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from lampq_jax.apply.calibration import batched_outputs, check_images
 from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels
 from lampq_jax.apply.model import QuantizedModel
-from lampq_jax.export import grid_codes, kernel_matrix
+from lampq_jax.deploy.export import grid_codes, kernel_matrix
 from lampq_jax.quant import UniformParams, fake_quant, fake_quant_ste
 from lampq_jax.result import QuantizationResult
 from lampq_jax.sensitivity.objective import resolve_objective

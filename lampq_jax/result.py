@@ -58,8 +58,8 @@ class QuantizationResult:
         return self.quantized.apply(*args, **kwargs)
 
     def export(self) -> dict:
-        """{layer path: QuantizedTensor}: packed low-bit codes of every quantized layer (`lampq_jax.export.export_result`)."""
-        from lampq_jax.export import export_result
+        """{layer path: QuantizedTensor}: packed low-bit codes of every quantized layer (`lampq_jax.deploy.export.export_result`)."""
+        from lampq_jax.deploy.export import export_result
 
         return export_result(self)
 

@@ -10,7 +10,7 @@ import pytest
 
 import lampq_jax
 from lampq_jax import LampQConfig
-from lampq_jax.export import kernel_matrix
+from lampq_jax.deploy.export import kernel_matrix
 from lampq_jax.sensitivity.objective import kl_objective as kl
 from flax.traverse_util import flatten_dict
 

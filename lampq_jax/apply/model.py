@@ -13,7 +13,8 @@ from lampq_jax.apply.fake import QuantSpec, activation_interceptor, fake_quantiz
 from lampq_jax.layers.discovery import Layer
 
 
-def _freeze_kwargs(kwargs: dict[str, Any]) -> tuple:
+def freeze_apply_kwargs(kwargs: dict[str, Any]) -> tuple:
+    """`kwargs` as sorted (name, value) pairs, hashable for a static `jit` argument; TypeError if a value is not."""
     try:
         frozen = tuple(sorted(kwargs.items()))
         hash(frozen)
@@ -78,7 +79,7 @@ class QuantizedModel:
 
         Keyword arguments override the `apply_kwargs` given at quantization time.
         """
-        frozen = _freeze_kwargs({**self.apply_kwargs, **kwargs})
+        frozen = freeze_apply_kwargs({**self.apply_kwargs, **kwargs})
         return self._fn(frozen)(self.variables, *args)
 
     @property

@@ -15,10 +15,10 @@ from flax.traverse_util import flatten_dict
 
 from lampq_jax.apply import calibrate_activations, find_attention_paths
 from lampq_jax.apply.fake import QuantSpec
-from lampq_jax.apply.integer import IntegerModel, integer_apply
+from lampq_jax.deploy.integer import IntegerModel, integer_apply
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.layers import find_layers
-from lampq_jax.export import (
+from lampq_jax.deploy.export import (
     container_bits,
     export_nbytes,
     export_result,
@@ -31,7 +31,7 @@ from lampq_jax.export import (
 from lampq_jax.pipeline import size_report
 from lampq_jax.quant import packing
 from lampq_jax.quant.qtensor import QuantizedTensor
-from lampq_jax.qwix_export import qwix_qtype, qwix_qtype_bits, qwix_rules
+from lampq_jax.deploy.qwix_rules import qwix_qtype, qwix_qtype_bits, qwix_rules
 from lampq_jax.result import QuantizationResult
 
 

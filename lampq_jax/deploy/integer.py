@@ -6,7 +6,7 @@ exported Dense / DenseGeneral layer by
     y = weight_only_matmul(Q_a(x) [M, K], W [K, N]) + b          (M = rows of x, K, N: the layer's)
 
 where W is the layer's `QuantizedTensor` (packed codes, per-channel scale and zero point, from
-`lampq_jax.export.export_result`), Q_a the layer's input quantizer at its activation bits (as in
+`lampq_jax.deploy.export.export_result`), Q_a the layer's input quantizer at its activation bits (as in
 the fake-quantized model) and b its float bias. The Pallas kernel unpacks the codes itself
 (interpret mode on CPU). The float kernels of these layers are not read: they are removed from
 the variables the model runs with. Everything else follows the fake-quantized model exactly:
@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.fake import QuantSpec, activation_interceptor
-from lampq_jax.apply.model import _freeze_kwargs
+from lampq_jax.apply.model import freeze_apply_kwargs
 from lampq_jax.kernels.tiling import BlockSizes
 from lampq_jax.kernels.weight_only_matmul import weight_only_matmul
 from lampq_jax.layers.discovery import module_path
@@ -199,7 +199,7 @@ class IntegerModel:
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the model (jitted once per input shape and keyword set); kwargs override the result's."""
-        frozen = _freeze_kwargs({**self.result.quantized.apply_kwargs, **kwargs})
+        frozen = freeze_apply_kwargs({**self.result.quantized.apply_kwargs, **kwargs})
         return self._fn(frozen)(self._variables, dict(self.tensors), *args)
 
 
