@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from typing import Any, Mapping, Optional, Sequence
 
@@ -14,7 +13,8 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from lampq_jax.allocation import AllocationResult, Budget, allocate_bits, bops_budget
+from lampq_jax.allocation import AllocationResult
+from lampq_jax.allocation.items import SCALE_BYTES_PER_CHANNEL, Items, allocation_problem, assignment_of, item_key
 from lampq_jax.apply import (
     QuantizedModel,
     QuantSpec,
@@ -49,21 +49,17 @@ from lampq_jax.layers import Layer, TypeRule, check_rules, find_layers, quantiza
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
 from lampq_jax.sensitivity import FisherTraces, fisher_traces
+from lampq_jax.sensitivity.probes import probe_alpha
 from lampq_jax.sensitivity.vtptq import vtptq_metric
 from lampq_jax.sensitivity.metric import (
     activation_errors,
-    alpha_by_type,
-    alpha_by_unit,
     predicted_increase,
-    probe_indices,
     random_costs,
-    spearman,
     weight_errors,
 )
 from lampq_jax.sensitivity.objective import objective_name, resolve_objective
 
 FIXED_TYPES_DEFAULT = ("embed", "head")
-SCALE_BYTES_PER_CHANNEL = 8  # float32 scale + float32 zero point
 
 
 class _Timer:
@@ -395,136 +391,9 @@ def size_report(
 # ----------------------------------------------------------------------------- LampQ
 
 
-@dataclasses.dataclass(frozen=True)
-class _Items:
-    """The allocation's items (groups of layers sharing bits) and their options."""
-
-    keys: tuple[str, ...]  # item name
-    members: tuple[tuple[int, ...], ...]  # layer indices of each item
-    weight_bits: np.ndarray  # [m] option weight bits
-    act_bits: np.ndarray  # [m] option activation bits
-    w_index: np.ndarray  # [m] index into candidates of the weight bits
-    a_index: np.ndarray  # [m] index into candidates of the activation bits
-
-
-def item_key(layer: Layer, config: LampQConfig) -> str:
-    """The allocation item of a layer: its module (I1 off), itself (split q/k/v), or its group."""
-    if config.granularity == "module" and layer.type in ("qkv", "proj", "fc1", "fc2") and "/" in layer.path:
-        return layer.path.rsplit("/", 1)[0]
-    return layer.path if config.split_qkv else layer.group
-
-
-def _items(layers: Sequence[Layer], allocated: Sequence[int], config: LampQConfig) -> _Items:
-    keys: dict[str, list[int]] = {}
-    for i in allocated:
-        keys.setdefault(item_key(layers[i], config), []).append(i)
-    cands = np.array(config.candidates)
-    m = len(cands)
-    if config.separate_weight_act_bits:
-        w_index, a_index = (g.ravel() for g in np.meshgrid(np.arange(m), np.arange(m), indexing="ij"))
-    else:
-        w_index = a_index = np.arange(m)
-    return _Items(tuple(keys), tuple(tuple(v) for v in keys.values()), cands[w_index], cands[a_index], w_index, a_index)
-
-
-def _item_cost(items: _Items, layer_cost_w: np.ndarray, layer_cost_a: np.ndarray) -> np.ndarray:
-    """[items, options] Σ_{i∈item} (Ω^W_i(b_w) + Ω^A_i(b_a))."""
-    return np.stack(
-        [
-            layer_cost_w[list(mem)][:, items.w_index].sum(0) + layer_cost_a[list(mem)][:, items.a_index].sum(0)
-            for mem in items.members
-        ]
-    )
-
-
-def _budget(config: LampQConfig, budget: float, macs: np.ndarray) -> Budget:
-    if config.budget_kind == "avg_bits":
-        return Budget(avg_bits=budget, avg_act_bits=budget if config.separate_weight_act_bits else None)
-    if config.budget_kind == "bops":
-        return Budget(bops=bops_budget(macs, budget))
-    return Budget(model_bytes=budget)
-
-
-def _allowed(items: _Items, layers: Sequence[Layer], config: LampQConfig) -> np.ndarray:
-    """[items, options] mask from per-type min / max bits and the user's fixed layers."""
-    low, high = dict(config.min_bits), dict(config.max_bits)
-    fixed = dict(config.fixed_layers)
-    allowed = np.ones([len(items.keys), items.weight_bits.size], bool)
-    for k, mem in enumerate(items.members):
-        for i in mem:
-            t, path = layers[i].type, layers[i].path
-            for bits in (items.weight_bits, items.act_bits):
-                if t in low:
-                    allowed[k] &= bits >= low[t]
-                if t in high:
-                    allowed[k] &= bits <= high[t]
-            if path in fixed:
-                allowed[k] &= (items.weight_bits == fixed[path]) & (items.act_bits == fixed[path])
-        if not allowed[k].any():
-            raise ValueError(
-                f"item {items.keys[k]!r} has no allowed bit-width under min_bits={config.min_bits}, "
-                f"max_bits={config.max_bits}, fixed_layers={config.fixed_layers}"
-            )
-    return allowed
-
-
-def _assignment(items: _Items, layers: Sequence[Layer], choice: np.ndarray) -> dict[str, tuple[int, int]]:
-    return {
-        layers[i].path: (int(items.weight_bits[c]), int(items.act_bits[c]))
-        for mem, c in zip(items.members, choice)
-        for i in mem
-    }
-
-
 def _omega_rows(layers, omega_w, omega_a, cands) -> dict[str, list[float]]:
     """{path: [Ω_i(b) for b in candidates]} (tied W/A bits) of one round, for the history."""
     return {l.path: [float(omega_w[j, c] + omega_a[j, c]) for c in range(len(cands))] for j, l in enumerate(layers)}
-
-
-def _alpha_and_check(alloc_layers, w_term, a_term, fisher, config, measure_alone):
-    """α from single-unit probes (units: layer groups), and the metric check's Spearman figures.
-
-    Returns (alpha by type, [layers] α of each layer, measured {unit index: ΔJ}, spearman {mode: r}, unit keys).
-    With α = 'layer' every unit is probed and scaled alone; the by-type figure is then the 'probe' one.
-    """
-    units: dict[str, list[int]] = {}
-    for j, l in enumerate(alloc_layers):
-        units.setdefault(l.group, []).append(j)
-    unit_keys = list(units)
-    unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
-    b_low = config.probe_bits or config.candidates[0]
-    col = config.candidates.index(b_low)
-    predicted_low = np.array([(w_term[u, col] + a_term[u, col]).sum() for u in units.values()])
-    to_measure: set[int] = set()
-    if config.alpha == "probe":
-        for t in set(unit_types):
-            members = [k for k, tk in enumerate(unit_types) if tk == t]
-            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
-    if config.metric_check or config.alpha == "layer":
-        to_measure.update(range(len(unit_keys)))
-    measured = {}
-    for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
-        measured[k] = measure_alone({alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]})
-    fisher_w = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
-    figures = {}
-    for mode in ("none", "mean", "probe"):
-        if mode == "probe" and config.alpha not in ("probe", "layer") and not config.metric_check:
-            continue
-        figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=measured)
-    spearman_figures = {}
-    if config.metric_check and len(unit_keys) >= 2:
-        order = sorted(measured)
-        for mode, a_mode in figures.items():
-            omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
-            spearman_figures[mode] = spearman(omega, [measured[k] for k in order])
-    if config.alpha == "layer":
-        unit_alpha = alpha_by_unit(unit_types, predicted_low, measured)
-        layer_alpha = np.empty(len(alloc_layers))
-        for k, members in enumerate(units.values()):
-            layer_alpha[members] = unit_alpha[k]
-        return figures["probe"], layer_alpha, measured, spearman_figures, unit_keys
-    alpha = figures[config.alpha]
-    return alpha, np.array([alpha[l.type] for l in alloc_layers]), measured, spearman_figures, unit_keys
 
 
 def _checked_labels(labels: Any, num_images: int, fp_outputs: jax.Array, output: str) -> np.ndarray:
@@ -718,7 +587,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
     bar.update()
     bar.set_postfix_str("single-layer probes")
     with timer("probe"):
-        alpha, layer_alpha, measured, spearman_figures, unit_keys = _alpha_and_check(
+        alpha, layer_alpha, measured, spearman_figures, unit_keys = probe_alpha(
             layers, w_term, a_term, fisher, config, lambda bits: run.measure(bits, {})
         )
     bar.update()
@@ -733,36 +602,6 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         spearman=spearman_figures,
         unit_keys=unit_keys,
     )
-
-
-def _allocation_problem(layers: Sequence[Layer], config: LampQConfig, budget: float) -> tuple[_Items, Any]:
-    """(the ILP's items, `solve(cost_w [layers, cands], cost_a [layers, cands]) → AllocationResult`)."""
-    items = _items(layers, range(len(layers)), config)
-    sizes = {
-        "num_weights": [sum(layers[i].num_weights for i in mem) for mem in items.members],
-        "num_activations": [sum(layers[i].num_activations for i in mem) for mem in items.members],
-        "macs": [sum(layers[i].macs for i in mem) for mem in items.members],
-        "scale_bytes": [
-            sum(SCALE_BYTES_PER_CHANNEL * math.prod(layers[i].weight_shape[a] for a in layers[i].out_axes) for i in mem)
-            for mem in items.members
-        ],
-    }
-    sizes = {name: np.array(v) for name, v in sizes.items()}
-    budget_obj, allowed = _budget(config, budget, sizes["macs"]), _allowed(items, layers, config)
-
-    def solve(cost_w: np.ndarray, cost_a: np.ndarray) -> AllocationResult:
-        return allocate_bits(
-            _item_cost(items, cost_w, cost_a),
-            items.weight_bits,
-            items.act_bits,
-            **sizes,
-            budget=budget_obj,
-            allowed=allowed,
-            time_limit=config.ilp_time_limit,
-            mip_gap=config.mip_gap,
-        )
-
-    return items, solve
 
 
 def _round_entry(
@@ -781,7 +620,7 @@ def _round_entry(
     }
 
 
-def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[tuple[float, dict, int], list]:
+def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[tuple[float, dict, int], list]:
     """((best J, its bits, its round), history): the ILP on Ω, then iterative updates (METHOD.md §5).
 
     Round k re-measures the Fisher traces and activation errors at round k−1's quantized point, damps Ω
@@ -793,7 +632,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[
     run.bar.set_postfix_str("ILP")
     with timer("ilp"):
         solution = solve(omega_w, omega_a)
-    assignment = _assignment(items, layers, solution.choice)
+    assignment = assignment_of(items, layers, solution.choice)
     with timer("evaluate"):
         j_value = run.measure({**assignment, **run.fixed_bits}, run.attention_bits)
     history = [
@@ -837,7 +676,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: _Items, solve) -> tuple[
             omega_w = config.damping * omega_w + (1 - config.damping) * sens.layer_alpha * new_w
             omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
             solution = solve(omega_w, omega_a)
-            new_assignment = _assignment(items, layers, solution.choice)
+            new_assignment = assignment_of(items, layers, solution.choice)
             j_value = run.measure({**new_assignment, **run.fixed_bits}, run.attention_bits)
         history.append(
             _round_entry(
@@ -967,7 +806,7 @@ def quantize(
         apply_kwargs,
     )
     sens = _sensitivity(run)
-    items, solve = _allocation_problem(run.alloc_layers, config, budget)
+    items, solve = allocation_problem(run.alloc_layers, config, budget)
     best, history = _iterate(run, sens, items, solve)
     run.bar.close()
     return _lampq_result(run, sens, best, history, synthetic, zs_entry)

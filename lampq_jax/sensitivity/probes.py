@@ -1,0 +1,88 @@
+"""The type-aware α from single-unit probes (METHOD.md §3), and the metric check's Spearman figures.
+
+A unit is a layer group. Some units of each type (all of them for the metric check or α = 'layer') are
+quantized alone at the probe bits b_low and their ΔJ measured; α scales each type's predicted ΔL so that
+
+    Ω_i(b) = α_{type(i)} · (Ω^W_i(b) + Ω^A_i(b))
+
+matches what was measured (`metric.alpha_by_type`, `metric.alpha_by_unit`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from lampq_jax.sensitivity.fisher import FisherTraces
+from lampq_jax.sensitivity.metric import alpha_by_type, alpha_by_unit, probe_indices, spearman
+
+
+class ProbedAlpha(NamedTuple):
+    """What the probes give."""
+
+    alpha: dict[str, float]  # α by type
+    layer_alpha: np.ndarray  # [layers] α of each layer
+    measured: dict[int, float]  # {unit index: measured ΔJ alone at the probe bits}
+    spearman: dict[str, float]  # {α mode: Spearman of Ω against the measured ΔJ} (metric check)
+    unit_keys: list[str]  # the units (layer groups), in order
+
+
+def probe_alpha(
+    alloc_layers: Sequence[Any],
+    w_term: np.ndarray,
+    a_term: np.ndarray,
+    fisher: FisherTraces,
+    config: Any,
+    measure_alone: Callable[[dict[str, tuple[int, int]]], float],
+) -> ProbedAlpha:
+    """α from single-unit probes (units: layer groups), and the metric check's Spearman figures.
+
+    Args:
+      alloc_layers: the allocated layers; a unit is a layer group (q, k, v of one attention share one).
+      w_term, a_term: [layers, candidates] predicted ΔL of quantizing each layer's weights / inputs.
+      fisher: the Fisher traces (the weight traces weigh α = 'mean').
+      config: a `LampQConfig` (alpha, probes, probe_bits, candidates, metric_check, progress).
+      measure_alone: {path: (b_w, b_a)} → measured ΔJ with only those layers quantized.
+
+    With α = 'layer' every unit is probed and scaled alone; the by-type figure is then the 'probe' one.
+    """
+    units: dict[str, list[int]] = {}
+    for j, l in enumerate(alloc_layers):
+        units.setdefault(l.group, []).append(j)
+    unit_keys = list(units)
+    unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
+    b_low = config.probe_bits or config.candidates[0]
+    col = config.candidates.index(b_low)
+    predicted_low = np.array([(w_term[u, col] + a_term[u, col]).sum() for u in units.values()])
+    to_measure: set[int] = set()
+    if config.alpha == "probe":
+        for t in set(unit_types):
+            members = [k for k, tk in enumerate(unit_types) if tk == t]
+            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
+    if config.metric_check or config.alpha == "layer":
+        to_measure.update(range(len(unit_keys)))
+    measured = {}
+    for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
+        measured[k] = measure_alone({alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]})
+    fisher_w = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
+    figures = {}
+    for mode in ("none", "mean", "probe"):
+        if mode == "probe" and config.alpha not in ("probe", "layer") and not config.metric_check:
+            continue
+        figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=measured)
+    spearman_figures = {}
+    if config.metric_check and len(unit_keys) >= 2:
+        order = sorted(measured)
+        for mode, a_mode in figures.items():
+            omega = [a_mode[unit_types[k]] * predicted_low[k] for k in order]
+            spearman_figures[mode] = spearman(omega, [measured[k] for k in order])
+    if config.alpha == "layer":
+        unit_alpha = alpha_by_unit(unit_types, predicted_low, measured)
+        layer_alpha = np.empty(len(alloc_layers))
+        for k, members in enumerate(units.values()):
+            layer_alpha[members] = unit_alpha[k]
+        return ProbedAlpha(figures["probe"], layer_alpha, measured, spearman_figures, unit_keys)
+    alpha = figures[config.alpha]
+    return ProbedAlpha(alpha, np.array([alpha[l.type] for l in alloc_layers]), measured, spearman_figures, unit_keys)
