@@ -45,7 +45,7 @@ from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
 from lampq_jax.quant import MAX_BITS, MIN_BITS, minmax_params, search_clipping_params
 from lampq_jax.quant.clipping import DEFAULT_CLIP_RATIOS
-from lampq_jax.quant.uniform import _fake_quant_levels, _range_params
+from lampq_jax.quant.uniform import fake_quant_levels, range_params
 
 ActivationParams = dict[str, np.ndarray]
 # Per bit-width b (the index), the channel-quantile q that floors each per-channel range:
@@ -260,12 +260,12 @@ def _channel_table(rows: jax.Array, lo: jax.Array, hi: jax.Array, method: str, p
         hi = jnp.maximum(raw_hi, jnp.quantile(raw_hi, floor)) if floor else raw_hi
 
         def error(r):
-            params = _range_params(r * lo, r * hi, levels)
-            diff = _fake_quant_levels(rows, params.scale, params.zero_point, levels) - rows
+            params = range_params(r * lo, r * hi, levels)
+            diff = fake_quant_levels(rows, params.scale, params.zero_point, levels) - rows
             return jnp.sum(diff * diff)
 
         best = ratios[jnp.argmin(jax.vmap(error)(ratios))]
-        params = _range_params(best * lo, best * hi, levels)
+        params = range_params(best * lo, best * hi, levels)
         table.append(jnp.stack([params.scale, params.zero_point]))
     return jnp.stack(table)
 

@@ -17,10 +17,10 @@ import jax.numpy as jnp
 from lampq_jax.quant.uniform import (
     Axes,
     UniformParams,
-    _as_compute,
-    _fake_quant_levels,
-    _normalize_axes,
-    _range_params,
+    as_compute,
+    fake_quant_levels,
+    normalize_axes,
+    range_params,
     check_bits,
     num_levels,
 )
@@ -59,8 +59,8 @@ def _search_levels(
     grid = jnp.asarray(ratios, x.dtype)
 
     def slice_errors(r: jax.Array) -> jax.Array:
-        params = _range_params(r * lo, r * hi, levels)
-        diff = _fake_quant_levels(x, params.scale, params.zero_point, levels) - x
+        params = range_params(r * lo, r * hi, levels)
+        diff = fake_quant_levels(x, params.scale, params.zero_point, levels) - x
         return jnp.sum(diff * diff, axis=axes, keepdims=True)
 
     batch = max(1, _SEARCH_ELEMENTS // max(1, x.size * copies))
@@ -69,7 +69,7 @@ def _search_levels(
     else:
         errors = jax.lax.map(slice_errors, grid, batch_size=batch)
     best = grid[jnp.argmin(errors, axis=0)]  # [*params shape]; first minimum = least clipping
-    return _range_params(best * lo, best * hi, levels)
+    return range_params(best * lo, best * hi, levels)
 
 
 def search_clipping_params(
@@ -109,8 +109,8 @@ def search_clipping_params(
     """
     levels = num_levels(bits)
     ratios = _check_ratios(grid)
-    x, _ = _as_compute(x)
-    axes = _normalize_axes(x.ndim, reduce_axes, "reduce_axes")
+    x, _ = as_compute(x)
+    axes = normalize_axes(x.ndim, reduce_axes, "reduce_axes")
     return _search_clipping_params(x, axes=axes, levels=float(levels), ratios=ratios)
 
 
@@ -154,8 +154,8 @@ def quant_errors(
     if not bits_tuple:
         raise ValueError(f"bits_list must hold at least one bit-width, got {bits_list!r}")
     ratios = _check_ratios(grid) if search else (1.0,)
-    x32, dtype = _as_compute(x)
-    axes = _normalize_axes(x32.ndim, reduce_axes, "reduce_axes")
+    x32, dtype = as_compute(x)
+    axes = normalize_axes(x32.ndim, reduce_axes, "reduce_axes")
     levels = tuple(float(num_levels(b)) for b in bits_tuple)
     return _quant_errors(x32, axes=axes, levels=levels, ratios=ratios, search=search, dtype=dtype)
 
@@ -176,9 +176,9 @@ def _quant_errors(
         else:
             lo = jnp.min(x32, axis=axes, keepdims=True)
             hi = jnp.max(x32, axis=axes, keepdims=True)
-            params = _range_params(lo, hi, level)
+            params = range_params(lo, hi, level)
         # Through x's dtype, as `fake_quant` returns it.
-        x_hat = _fake_quant_levels(x32, params.scale, params.zero_point, level).astype(dtype)
+        x_hat = fake_quant_levels(x32, params.scale, params.zero_point, level).astype(dtype)
         diff = x_hat.astype(x32.dtype) - x32
         return jnp.sum(diff * diff)
 

@@ -25,7 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from lampq_jax.quant.uniform import _as_compute, num_levels
+from lampq_jax.quant.uniform import as_compute, num_levels
 
 _SQRT_HALF = math.sqrt(0.5)
 
@@ -81,7 +81,7 @@ def fake_quant_log_sqrt2(
     """
     levels = float(num_levels(bits))
     _check_scale(scale)
-    x32, dtype = _as_compute(x)
+    x32, dtype = as_compute(x)
     return _fake_quant_log_sqrt2(x32, jnp.asarray(scale, x32.dtype), levels=levels, dtype=dtype, ste=ste)
 
 

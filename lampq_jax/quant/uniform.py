@@ -75,7 +75,7 @@ def num_levels(bits: int) -> int:
     return 2 ** check_bits(bits) - 1
 
 
-def _normalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
+def normalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
     """Axes as sorted non-negative ints; None means every axis.
 
     Raises:
@@ -100,7 +100,7 @@ def _normalize_axes(ndim: int, axes: Axes, name: str) -> tuple[int, ...]:
     return tuple(sorted(normal))
 
 
-def _as_compute(x: jax.typing.ArrayLike) -> tuple[jax.Array, jnp.dtype]:
+def as_compute(x: jax.typing.ArrayLike) -> tuple[jax.Array, jnp.dtype]:
     """Returns (x in the compute dtype, x's own dtype); compute dtype is float32 or wider.
 
     Raises:
@@ -113,7 +113,7 @@ def _as_compute(x: jax.typing.ArrayLike) -> tuple[jax.Array, jnp.dtype]:
     return x.astype(compute), x.dtype
 
 
-def _range_params(lo: jax.Array, hi: jax.Array, levels: jax.typing.ArrayLike) -> UniformParams:
+def range_params(lo: jax.Array, hi: jax.Array, levels: jax.typing.ArrayLike) -> UniformParams:
     """Asymmetric parameters covering [min(lo, 0), max(hi, 0)] with `levels` steps.
 
         s = max((hi - lo) / levels, MIN_SCALE),   z = clip(round(-lo / s), 0, levels)
@@ -127,9 +127,7 @@ def _range_params(lo: jax.Array, hi: jax.Array, levels: jax.typing.ArrayLike) ->
     return UniformParams(scale=scale, zero_point=zero_point)
 
 
-def _fake_quant_levels(
-    x: jax.Array, scale: jax.Array, zero_point: jax.Array, levels: jax.typing.ArrayLike
-) -> jax.Array:
+def fake_quant_levels(x: jax.Array, scale: jax.Array, zero_point: jax.Array, levels: jax.typing.ArrayLike) -> jax.Array:
     """(clip(round(x / s) + z, 0, levels) - z) · s, in the dtype of `x` (a compute dtype)."""
     codes = jnp.clip(jnp.round(x / scale) + zero_point, 0.0, levels)
     return (codes - zero_point) * scale
@@ -162,8 +160,8 @@ def minmax_params(x: jax.typing.ArrayLike, bits: int, *, reduce_axes: Axes = Non
         ValueError: if `bits` or `reduce_axes` is invalid.
     """
     levels = float(num_levels(bits))
-    x, _ = _as_compute(x)
-    axes = _normalize_axes(x.ndim, reduce_axes, "reduce_axes")
+    x, _ = as_compute(x)
+    axes = normalize_axes(x.ndim, reduce_axes, "reduce_axes")
     return _minmax_params(x, axes=axes, levels=levels)
 
 
@@ -171,7 +169,7 @@ def minmax_params(x: jax.typing.ArrayLike, bits: int, *, reduce_axes: Axes = Non
 def _minmax_params(x: jax.Array, *, axes: tuple[int, ...], levels: float) -> UniformParams:
     lo = jnp.min(x, axis=axes, keepdims=True)
     hi = jnp.max(x, axis=axes, keepdims=True)
-    return _range_params(lo, hi, levels)
+    return range_params(lo, hi, levels)
 
 
 def quantize(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax.Array:
@@ -186,7 +184,7 @@ def quantize(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax.A
         int32 codes in [0, 2^b - 1], shape of `x` broadcast with the params.
     """
     levels = float(num_levels(bits))
-    x, _ = _as_compute(x)
+    x, _ = as_compute(x)
     scale, zero_point = _params_as(params, x.dtype)
     return _quantize(x, scale, zero_point, levels=levels)
 
@@ -228,14 +226,14 @@ def fake_quant(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax
         x̂ with the shape and dtype of `x`.
     """
     levels = float(num_levels(bits))
-    x32, dtype = _as_compute(x)
+    x32, dtype = as_compute(x)
     scale, zero_point = _params_as(params, x32.dtype)
     return _fake_quant(x32, scale, zero_point, levels=levels, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("levels", "dtype"))
 def _fake_quant(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *, levels: float, dtype: jnp.dtype) -> jax.Array:
-    return _fake_quant_levels(x, scale, zero_point, levels).astype(dtype)
+    return fake_quant_levels(x, scale, zero_point, levels).astype(dtype)
 
 
 def fake_quant_ste(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax.Array:
@@ -249,7 +247,7 @@ def fake_quant_ste(x: jax.typing.ArrayLike, params: UniformParams, bits: int) ->
     forward-mode differentiation. The params receive no gradient. Arguments and result as `fake_quant`'s.
     """
     levels = float(num_levels(bits))
-    x32, dtype = _as_compute(x)
+    x32, dtype = as_compute(x)
     scale, zero_point = _params_as(params, x32.dtype)
     return _fake_quant_ste(x32, scale, zero_point, levels=levels, dtype=dtype)
 
@@ -261,7 +259,7 @@ def _fake_quant_ste(
     scale = jax.lax.stop_gradient(scale)
     zero_point = jax.lax.stop_gradient(zero_point)
     frozen = jax.lax.stop_gradient(x32)
-    x_hat = _fake_quant_levels(frozen, scale, zero_point, levels)
+    x_hat = fake_quant_levels(frozen, scale, zero_point, levels)
     inside = (frozen >= -zero_point * scale) & (frozen <= (levels - zero_point) * scale)
     return (x_hat + jnp.where(inside, x32 - frozen, 0.0)).astype(dtype)
 
@@ -288,7 +286,7 @@ def weight_reduce_axes(kernel_ndim: int, out_axes: Sequence[int]) -> tuple[int, 
     """
     if isinstance(kernel_ndim, bool) or not isinstance(kernel_ndim, numbers.Integral) or kernel_ndim < 1:
         raise ValueError(f"kernel_ndim must be a positive int, got {kernel_ndim!r}")
-    out = _normalize_axes(int(kernel_ndim), out_axes, "out_axes")
+    out = normalize_axes(int(kernel_ndim), out_axes, "out_axes")
     if not out:
         raise ValueError(
             f"out_axes must name at least one axis, got {out_axes!r}; for per-tensor quantization "
