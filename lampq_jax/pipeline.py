@@ -14,7 +14,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lampq_jax.allocation import AllocationResult
-from lampq_jax.allocation.items import SCALE_BYTES_PER_CHANNEL, Items, allocation_problem, assignment_of, item_key
+from lampq_jax.allocation.items import Items, allocation_problem, assignment_of, item_key, scale_bytes
 from lampq_jax.apply import (
     QuantizedModel,
     QuantSpec,
@@ -166,7 +166,8 @@ def _prepare(
         attention = find_attention_paths(model, variables, images[:1], **apply_kwargs)
     with timer("calibration"):
         uncentered = list(attention)
-        passes = {"batch_size": max(batch_size, 32), "mesh": mesh, **apply_kwargs}
+        calib_batch = max(batch_size, 32)  # every calibration pass runs at 32 images a batch or more
+        passes = {"batch_size": calib_batch, "mesh": mesh, **apply_kwargs}
         if center_keys and attention:
             means = attention_statistics(model, variables, images, attention, "key_means", **passes)
             variables, uncentered = fold_key_means(variables, means)
@@ -180,7 +181,7 @@ def _prepare(
             variables,
             images,
             method=calibration,
-            batch_size=max(batch_size, 32),
+            batch_size=calib_batch,
             channel_sites=channel_input_sites(layers, channel_types),
             minmax_sites=minmax_sites,
             mesh=mesh,
@@ -188,7 +189,7 @@ def _prepare(
         )
         hessians = None
         if weight_method == "gptq":
-            hessians = input_hessians(model, variables, images, layers, batch_size=max(batch_size, 32), **apply_kwargs)
+            hessians = input_hessians(model, variables, images, layers, batch_size=calib_batch, **apply_kwargs)
         fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
         replicated = replicate(variables, mesh)
         fp_outputs = jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
@@ -366,10 +367,7 @@ def size_report(
     total_params = sum(int(np.prod(np.shape(x))) for x in jax.tree.leaves(dict(variables)["params"]))
     kernel_params = sum(l.num_weights for l in quantized)
     code_bytes = sum(l.num_weights * bits[l.path][0] / 8 for l in quantized)
-    scale_bytes = sum(
-        SCALE_BYTES_PER_CHANNEL * int(np.prod([l.weight_shape[a] for a in l.out_axes])) for l in quantized
-    )
-    model_bytes = code_bytes + scale_bytes + 4 * (total_params - kernel_params)
+    model_bytes = code_bytes + sum(scale_bytes(l) for l in quantized) + 4 * (total_params - kernel_params)
 
     def avg(items, index, weight):
         total = sum(weight(l) for l in items)

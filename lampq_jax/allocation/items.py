@@ -116,6 +116,11 @@ def assignment_of(items: Items, layers: Sequence[Any], choice: np.ndarray) -> di
     }
 
 
+def scale_bytes(layer: Any) -> int:
+    """Bytes of a quantized kernel's per-channel scale and zero point: SCALE_BYTES_PER_CHANNEL · out channels."""
+    return SCALE_BYTES_PER_CHANNEL * math.prod(layer.weight_shape[a] for a in layer.out_axes)
+
+
 def item_sizes(items: Items, layers: Sequence[Any]) -> dict[str, np.ndarray]:
     """{num_weights, num_activations, macs, scale_bytes: [items]}, summed over each item's layers."""
 
@@ -126,7 +131,7 @@ def item_sizes(items: Items, layers: Sequence[Any]) -> dict[str, np.ndarray]:
         "num_weights": total(lambda l: l.num_weights),
         "num_activations": total(lambda l: l.num_activations),
         "macs": total(lambda l: l.macs),
-        "scale_bytes": total(lambda l: SCALE_BYTES_PER_CHANNEL * math.prod(l.weight_shape[a] for a in l.out_axes)),
+        "scale_bytes": total(scale_bytes),
     }
 
 
