@@ -1,7 +1,9 @@
 """Uniform WbAb on the embedded Fashion-MNIST ViT (17 tokens): the quantizers' check on the toy model.
 
-Accuracy on the 2,000 embedded test images; 32 calibration images. Rows: the default quantizers and the
-same with every input per tensor (`channel_types=()`, the quantizers before the real-ViT yardstick).
+Accuracy on the 2,000 embedded test images; 32 calibration images. Rows: the default quantizers, the
+same with the image (the patch embedding's input) clipped by the MSE search instead of min-max
+(`minmax_types=()`, the default before 2026-12-05), and with every input per tensor (`channel_types=()`,
+the quantizers before the real-ViT yardstick).
 
     python benchmarks/bench_uniform_embedded.py
 """
@@ -28,7 +30,12 @@ def main() -> None:
     calib, images, labels = data["calib_images"][:32], data["test_images"], data["test_labels"]
     fp = float(np.mean(np.asarray(model.apply(variables, images, train=False)).argmax(-1) == labels) * 100)
     rows = []
-    for label, options in (("default quantizers", {}), ("every input per tensor", {"channel_types": ()})):
+    settings = (
+        ("default quantizers", {}),
+        ("embedding input clipped (MSE)", {"minmax_types": ()}),
+        ("every input per tensor", {"channel_types": ()}),
+    )
+    for label, options in settings:
         for bits in (8, 6, 4, 3):
             result = lampq_jax.quantize_uniform(model, variables, calib, bits, train=False, **options)
             acc = float(np.mean(np.asarray(result.apply(images)).argmax(-1) == labels) * 100)
@@ -39,7 +46,7 @@ def main() -> None:
         "|---|---:|---:|---:|---:|",
         f"| full precision: {fp:.2f} % | | | | |",
     ]
-    for label in ("default quantizers", "every input per tensor"):
+    for label, _ in settings:
         accs = {r["bits"]: r["accuracy"] for r in rows if r["setting"] == label}
         table.append(f"| {label} | " + " | ".join(f"{accs[b]:.2f}" for b in (8, 6, 4, 3)) + " |")
     total = time.perf_counter() - start_all

@@ -254,8 +254,8 @@ def quantize_uniform(
       calibration: activation range method, 'mse', 'percentile' or 'minmax'.
       channel_types: layer types whose inputs are quantized per channel (post-LayerNorm qkv / fc1,
         the attention output of proj, post-GELU fc2); () for per-tensor everywhere.
-      minmax_types: layer types whose inputs are calibrated min-max whatever `calibration`, e.g. ('embed',)
-        for the image (default none; `LampQConfig.minmax_types`).
+      minmax_types: layer types whose inputs are calibrated min-max whatever `calibration` (default
+        ('embed',): the image; `LampQConfig.minmax_types`).
       center_keys: fold each attention's mean key out of its key bias (exact in float;
         `lampq_jax.apply.equalize`).
       qk_calibration: range method of the q·kᵀ inputs: 'minmax' (default) or 'same' (as `calibration`).
