@@ -147,15 +147,17 @@ def allocations(
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--budget", type=int, default=4)
-    args = parser.parse_args()
-    start = time.perf_counter()
+def mean_bits_cell(by_type: dict[str, list[float]]) -> str:
+    """'w/a, w/a, w/a, w/a': the mean weight / input bits of qkv, proj, fc1 and fc2, for a table cell."""
+    return ", ".join(f"{w:.2f}/{a:.2f}" for w, a in (by_type[t] for t in ("qkv", "proj", "fc1", "fc2")))
+
+
+def prepared_dinov2():
+    """(model, prepared, `DynamicQuantizer`, calibration crops, evaluation crops, FP apply): DINOv2-S/14 with the
+    base quantizers of `quantize()` calibrated on the 32 calibration crops (seed 0), at batch 32."""
     model, variables = load_dinov2_s14()
     calibration = normalize_imagenet(photo_crops("calibration", 32, 224, seed=0))
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
-    config = LampQConfig(batch_size=32)  # the base quantizers of quantize(), at batch 32
     prep = _prepare(
         model,
         variables,
@@ -164,12 +166,35 @@ def main() -> None:
         timer=_Timer(),
         mesh=None,
         apply_kwargs={"train": False},
-        **_prepare_options(config),
+        **_prepare_options(LampQConfig(batch_size=32)),
     )
     dq = DynamicQuantizer(
         model, prep.variables, prep.layers, prep.attention, prep.act_params, {"train": False}, hessians=prep.hessians
     )
     fp_apply = jax.jit(lambda x: model.apply(prep.variables, x, train=False))
+    return model, prep, dq, calibration, evaluation, fp_apply
+
+
+def allocation_units(prep):
+    """(embed / head at (8, 8) {path: bits}, the allocated layers, units {group: [paths]}, |W| [units],
+    activation entries [units]): a unit is a layer group (qkv, proj, fc1 or fc2 of a block)."""
+    fixed = {l.path: (8, 8) for l in prep.layers if l.type in ("embed", "head")}
+    allocated = [l for l in prep.layers if l.type not in ("embed", "head")]
+    units: dict[str, list[str]] = {}
+    for layer in allocated:
+        units.setdefault(layer.group, []).append(layer.path)
+    by_path = {l.path: l for l in allocated}
+    num_weights = np.array([sum(by_path[p].num_weights for p in paths) for paths in units.values()])
+    num_acts = np.array([sum(by_path[p].num_activations for p in paths) for paths in units.values()])
+    return fixed, allocated, units, num_weights, num_acts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=4)
+    args = parser.parse_args()
+    start = time.perf_counter()
+    model, prep, dq, calibration, evaluation, fp_apply = prepared_dinov2()
 
     def image_set(images):
         return images, np.asarray(batched_outputs(fp_apply, images, 16))
@@ -189,14 +214,8 @@ def main() -> None:
         images, ref = data
         return one_minus_cos(np.asarray(batched_outputs(lambda x: run(x, bits, attention), images, 16)), ref)
 
-    fixed = {l.path: (8, 8) for l in prep.layers if l.type in ("embed", "head")}
-    allocated = [l for l in prep.layers if l.type not in ("embed", "head")]
-    units: dict[str, list[str]] = {}
-    for layer in allocated:
-        units.setdefault(layer.group, []).append(layer.path)
+    fixed, allocated, units, num_weights, num_acts = allocation_units(prep)
     by_path = {l.path: l for l in allocated}
-    num_weights = np.array([sum(by_path[p].num_weights for p in paths) for paths in units.values()])
-    num_acts = np.array([sum(by_path[p].num_activations for p in paths) for paths in units.values()])
     attention = {p: (args.budget, args.budget) for p in prep.attention}
 
     query = next(l for l in allocated if l.type == "qkv")
@@ -252,7 +271,7 @@ def main() -> None:
         "|---|---|---:|---:|---:|---|---:|",
     ]
     for r in rows:
-        mean_bits = ", ".join(f"{w:.2f}/{a:.2f}" for w, a in (r["by_type"][t] for t in ("qkv", "proj", "fc1", "fc2")))
+        mean_bits = mean_bits_cell(r["by_type"])
         lines.append(
             f"| {r['probes']} | {r['allocation']} | {r['held_out']:.4f} | {r['held_out'] / uniform:.2f} "
             f"| {r['calibration']:.4f} | {mean_bits} | {r['by_type']['attention'][1]:.2f} |"
