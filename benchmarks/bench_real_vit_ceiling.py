@@ -152,9 +152,12 @@ def mean_bits_cell(by_type: dict[str, list[float]]) -> str:
     return ", ".join(f"{w:.2f}/{a:.2f}" for w, a in (by_type[t] for t in ("qkv", "proj", "fc1", "fc2")))
 
 
-def prepared_dinov2():
+def prepared_dinov2(**options):
     """(model, prepared, `DynamicQuantizer`, calibration crops, evaluation crops, FP apply): DINOv2-S/14 with the
-    base quantizers of `quantize()` calibrated on the 32 calibration crops (seed 0), at batch 32."""
+    base quantizers of `quantize()` calibrated on the 32 calibration crops (seed 0), at batch 32.
+
+    options: `LampQConfig` fields of the base quantizers, e.g. equalize_qk=True.
+    """
     model, variables = load_dinov2_s14()
     calibration = normalize_imagenet(photo_crops("calibration", 32, 224, seed=0))
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
@@ -166,7 +169,7 @@ def prepared_dinov2():
         timer=_Timer(),
         mesh=None,
         apply_kwargs={"train": False},
-        **_prepare_options(LampQConfig(batch_size=32)),
+        **_prepare_options(LampQConfig(batch_size=32, **options)),
     )
     dq = DynamicQuantizer(
         model, prep.variables, prep.layers, prep.attention, prep.act_params, {"train": False}, hessians=prep.hessians
