@@ -123,9 +123,7 @@ def test_minmax_types_keep_the_embedding_input_range(tiny_vit):
     """minmax_types=('embed',) (the default) calibrates the image (the patch embedding's input) min-max; () clips."""
     model, variables, images = tiny_vit
     kept = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn")
-    clipped = lampq_jax.quantize_uniform(
-        model, variables, images, 8, train=False, weight_method="rtn", minmax_types=()
-    )
+    clipped = lampq_jax.quantize_uniform(model, variables, images, 8, train=False, weight_method="rtn", minmax_types=())
     (site,) = [l.path for l in kept.quantized.layers if l.type == "embed"]
     scale, zero_point = np.asarray(kept.quantized.act_params[site][8])
     np.testing.assert_allclose(scale, (images.max() - images.min()) / 255, rtol=1e-5)
