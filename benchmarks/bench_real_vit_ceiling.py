@@ -50,11 +50,16 @@ PROBE_BITS = (3, 4, 5, 6)
 KINDS = ("tied", "weights", "activations")
 
 
-def one_minus_cos(out: np.ndarray, ref: np.ndarray) -> float:
-    """mean_n (1 − cos(out_n, ref_n)) over [N, D] class tokens."""
+def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """[N] cos(out_n, ref_n) of [N, D] class tokens."""
     out = out / np.linalg.norm(out, axis=-1, keepdims=True)
     ref = ref / np.linalg.norm(ref, axis=-1, keepdims=True)
-    return float(1.0 - (out * ref).sum(-1).mean())
+    return (out * ref).sum(-1)
+
+
+def one_minus_cos(out: np.ndarray, ref: np.ndarray) -> float:
+    """mean_n (1 − cos(out_n, ref_n)) over [N, D] class tokens."""
+    return float(1.0 - cosines(out, ref).mean())
 
 
 def probe_pair(kind: str, bits: int) -> tuple[int, int]:
@@ -178,6 +183,22 @@ def prepared_dinov2(**options):
     return model, prep, dq, calibration, evaluation, fp_apply
 
 
+def assignment_apply(static_model, prep, dq, bits, attention_bits=None):
+    """x ↦ the fake-quantized model's output under {path: (b_w, b_a)} and attentions {path: (q·kᵀ bits,
+    softmax·v bits)}; `dynamic_apply` compiles once for every assignment."""
+    variables = {**dict(prep.variables), "params": dq.params({p: wb for p, (wb, _) in bits.items()})}
+    state = attention_state(prep.act_params, list(prep.attention), bits, attention_bits or {})
+    return lambda x: dynamic_apply(variables, state, x, model=static_model, kwargs=(("train", False),))
+
+
+def attention_matmul_entries(model, allocated) -> tuple[int, int]:
+    """(q·kᵀ input entries, softmax·v input entries) per example of one attention: 2 · tokens · width and
+    tokens · width + heads · tokens²."""
+    query = next(l for l in allocated if l.type == "qkv")
+    tokens = query.num_activations // query.weight_shape[0]
+    return 2 * query.num_activations, query.num_activations + model.num_heads * tokens**2
+
+
 def allocation_units(prep):
     """(embed / head at (8, 8) {path: bits}, the allocated layers, units {group: [paths]}, |W| [units],
     activation entries [units]): a unit is a layer group (qkv, proj, fc1 or fc2 of a block)."""
@@ -207,23 +228,17 @@ def main() -> None:
 
     static_model = static_module(model)
 
-    def run(x, bits, attention):
-        variables = {**dict(prep.variables), "params": dq.params({p: wb for p, (wb, _) in bits.items()})}
-        state = attention_state(prep.act_params, list(prep.attention), bits, attention or {})
-        return dynamic_apply(variables, state, x, model=static_model, kwargs=(("train", False),))
-
     def score(bits, data, attention=None):
         """1 − cos on `data` with {path: (b_w, b_a)} and attentions {path: (q·kᵀ bits, softmax·v bits)}."""
         images, ref = data
-        return one_minus_cos(np.asarray(batched_outputs(lambda x: run(x, bits, attention), images, 16)), ref)
+        run = assignment_apply(static_model, prep, dq, bits, attention)
+        return one_minus_cos(np.asarray(batched_outputs(run, images, 16)), ref)
 
     fixed, allocated, units, num_weights, num_acts = allocation_units(prep)
     by_path = {l.path: l for l in allocated}
     attention = {p: (args.budget, args.budget) for p in prep.attention}
 
-    query = next(l for l in allocated if l.type == "qkv")
-    tokens = query.num_activations // query.weight_shape[0]
-    matmul_acts = (2 * query.num_activations, query.num_activations + model.num_heads * tokens**2)
+    matmul_acts = attention_matmul_entries(model, allocated)
 
     def evaluate(unit_bits, attention_bits=None):
         attention_bits = attention if attention_bits is None else attention_bits

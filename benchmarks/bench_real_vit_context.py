@@ -33,15 +33,15 @@ from bench_real_vit_ceiling import (  # noqa: E402
     PROBE_BITS,
     allocation_units,
     allocations_with_attention,
+    assignment_apply,
+    attention_matmul_entries,
     mean_bits_cell,
-    attention_state,
     one_minus_cos,
     prepared_dinov2,
 )
 from common import write_json, write_section  # noqa: E402
 
 from lampq_jax.apply.calibration import batched_outputs  # noqa: E402
-from lampq_jax.apply.dynamic import dynamic_apply  # noqa: E402
 from lampq_jax.apply.static import static_module  # noqa: E402
 
 
@@ -77,7 +77,7 @@ WEIGHT_SWEEP = (3, 4, 5, 6, 8, 0)  # weight bits of the sweep table (0: float)
 PROXIMAL_FACTORS = (0.01, 0.03, 0.1, 0.3)  # λ of the trust region, as fractions of the largest |Ω|
 
 
-def proximal_moves(key: str, shape, unit_bits, attention_bits) -> np.ndarray:
+def proximal_moves(key: str, unit_bits, attention_bits) -> np.ndarray:
     """[rows, len(PROBE_BITS)] |b − current bits| of each cost entry (`context_costs`' layout)."""
     if key == "attention":
         current = [pair[m] for pair in attention_bits.values() for m in range(2)]
@@ -109,23 +109,14 @@ def main() -> None:
     model, prep, dq, calibration, evaluation, fp_apply = prepared_dinov2()
     static_model = static_module(model)
     fixed, allocated, units, num_weights, num_acts = allocation_units(prep)
-    query = next(l for l in allocated if l.type == "qkv")
-    tokens = query.num_activations // query.weight_shape[0]
-    matmul_acts = (2 * query.num_activations, query.num_activations + model.num_heads * tokens**2)
+    matmul_acts = attention_matmul_entries(model, allocated)
 
     def scorer(images):
         ref = np.asarray(batched_outputs(fp_apply, images, 16))
 
         def score(unit_bits, attention_bits):
             bits = {p: pair for paths, pair in zip(units.values(), unit_bits) for p in paths}
-            params = dq.params({p: wb for p, (wb, _) in {**bits, **fixed}.items()})
-            state = attention_state(prep.act_params, list(prep.attention), {**bits, **fixed}, attention_bits)
-
-            def run(x):
-                return dynamic_apply(
-                    {**dict(prep.variables), "params": params}, state, x, model=static_model, kwargs=(("train", False),)
-                )
-
+            run = assignment_apply(static_model, prep, dq, {**bits, **fixed}, attention_bits)
             return one_minus_cos(np.asarray(batched_outputs(run, images, 16)), ref)
 
         return score
@@ -172,9 +163,7 @@ def main() -> None:
         scale = float(np.abs(np.concatenate([c.ravel() for c in costs.values()])).max())
         candidates = []
         for lam in (0.0, *(scale * f for f in PROXIMAL_FACTORS)):
-            penalized = {
-                key: c + lam * proximal_moves(key, c.shape, unit_bits, attention_bits) for key, c in costs.items()
-            }
+            penalized = {key: c + lam * proximal_moves(key, unit_bits, attention_bits) for key, c in costs.items()}
             new_units, matmul_bits = allocations_with_attention(
                 penalized, num_weights, num_acts, matmul_acts, args.budget
             )

@@ -22,20 +22,14 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real_vit_ceiling import allocation_units, attention_state, prepared_dinov2  # noqa: E402
+from bench_real_vit_ceiling import allocation_units, assignment_apply, cosines, prepared_dinov2  # noqa: E402
 from common import write_json, write_section  # noqa: E402
 
-from lampq_jax.apply.dynamic import dynamic_apply  # noqa: E402
 from lampq_jax.apply.static import static_module  # noqa: E402
 
 # (weight bits, linear layers' input bits, q·kᵀ input bits, softmax·v input bits)
 SETTINGS = ((4, 4, 4, 4), (5, 4, 4, 4), (6, 4, 4, 4), (5, 4, 8, 4), (5, 4, 4, 8), (5, 8, 4, 4), (5, 8, 8, 4))
 VARIANTS = {"default quantizers": {}, "query/key equalization": {"equalize_qk": True}}
-
-
-def cosines(out: np.ndarray, ref: np.ndarray) -> np.ndarray:
-    """[N] cosine of each row of out [N, D] to ref [N, D]."""
-    return (out * ref).sum(-1) / (np.linalg.norm(out, axis=-1) * np.linalg.norm(ref, axis=-1))
 
 
 def main() -> None:
@@ -49,18 +43,9 @@ def main() -> None:
             ref = np.asarray(fp_apply(images))
             for w, a, qk, pv in SETTINGS:
                 bits = {**{l.path: (w, a) for l in allocated}, **fixed}
-                variables = {**dict(prep.variables), "params": dq.params({p: wb for p, (wb, _) in bits.items()})}
-                state = attention_state(
-                    prep.act_params, list(prep.attention), bits, {p: (qk, pv) for p in prep.attention}
-                )
-
-                def run(x):
-                    return np.asarray(
-                        dynamic_apply(variables, state, x, model=static_model, kwargs=(("train", False),))
-                    )
-
-                whole = cosines(run(images), ref)
-                halves = cosines(np.concatenate([run(images[:8]), run(images[8:])]), ref)
+                run = assignment_apply(static_model, prep, dq, bits, {p: (qk, pv) for p in prep.attention})
+                whole = cosines(np.asarray(run(images)), ref)
+                halves = cosines(np.concatenate([np.asarray(run(images[:8])), np.asarray(run(images[8:]))]), ref)
                 rows.append(
                     {
                         "variant": variant,
