@@ -1,6 +1,6 @@
 """Overhead of a jitted fake-quantized forward over the full-precision forward.
 
-ViT-S/16, batch 8, 224×224×3, W4A4 (embed/head W8A8, attention inputs at 4 bits, log√2 softmax).
+ViT-S/16, batch 8, 224×224×3, W4A4 (embed/head W8A8, attention inputs at 4 bits, log-grid softmax).
 Goal: at most 1.5×.
 
     python benchmarks/bench_fakequant.py [--repeats 20]

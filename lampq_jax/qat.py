@@ -30,10 +30,10 @@ import optax
 from tqdm.auto import tqdm
 
 from lampq_jax.apply.calibration import batched_outputs, check_images
-from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels
+from lampq_jax.apply.fake import activation_interceptor, dequantized_kernels, layer_kernels, with_kernels
 from lampq_jax.apply.model import QuantizedModel
-from lampq_jax.deploy.export import grid_codes, kernel_matrix
-from lampq_jax.quant import UniformParams, fake_quant, fake_quant_ste
+from lampq_jax.quant import UniformParams, fake_quant, fake_quant_ste, quantize
+from lampq_jax.quant.qtensor import QuantizedTensor
 from lampq_jax.result import QuantizationResult
 from lampq_jax.sensitivity.objective import resolve_objective
 
@@ -67,25 +67,16 @@ def qat_init(result: QuantizationResult, optimizer: optax.GradientTransformation
 def weight_grids(result: QuantizationResult) -> dict[str, UniformParams]:
     """{layer path: UniformParams} of each kernel's per-output-channel grid, broadcastable against the kernel.
 
-    The result's kernels lie on their grids (PTQ's clipping search or GPTQ chose them); the grids are read
-    back from the kernels (`export.grid_codes`) and stay fixed while the weights train, so that
-    fake-quantizing a result's own kernel on its grid gives it back exactly.
+    The grids are those the result's kernels were quantized on (`QuantizedModel.weights`: PTQ's clipping
+    search, codes by RTN or GPTQ); they stay fixed while the weights train, so that fake-quantizing a
+    result's own kernel on its grid gives it back exactly.
     """
     q = result.quantized
-    kernels = layer_kernels(q.variables, list(q.bits))
-    out_axes = {l.path: tuple(a % kernels[l.path].ndim for a in l.out_axes) for l in q.layers if l.path in kernels}
-    grids = {}
-    for path, (wb, _) in q.bits.items():
-        kernel, out = kernels[path], out_axes[path]
-        _, scale, zero_point = grid_codes(kernel_matrix(kernel, out)[0], wb, name=path)
-        grids[path] = UniformParams(*(_channels_as_kernel(v, kernel.shape, out) for v in (scale, zero_point)))
-    return grids
-
-
-def _channels_as_kernel(values: np.ndarray, shape: tuple[int, ...], out_axes: tuple[int, ...]) -> jax.Array:
-    """values [N] of the output channels (in `out_axes` order) reshaped to broadcast against a kernel `shape`."""
-    v = values.reshape([shape[a] for a in out_axes]).transpose(np.argsort(out_axes))
-    return jnp.asarray(v.reshape([shape[a] if a in out_axes else 1 for a in range(len(shape))]), jnp.float32)
+    out_axes = {l.path: tuple(l.out_axes) for l in q.layers}
+    missing = sorted(set(q.bits) - set(q.weights))
+    if missing:
+        raise ValueError(f"layer(s) {missing[:5]} have no codes in the result (QuantizedModel.weights)")
+    return {path: q.weights[path].grid(out_axes[path]) for path in q.bits}
 
 
 def quantize_on_grids(
@@ -182,9 +173,17 @@ def qat_result(
     """
     q = result.quantized
     grids = weight_grids(result) if grids is None else grids
-    params = quantize_on_grids(state.params, grids, q.bits, ste=False)
+    kernels = layer_kernels({"params": state.params}, list(grids))
+    out_axes = {l.path: tuple(l.out_axes) for l in q.layers}
+    weights = {
+        p: QuantizedTensor.from_kernel(
+            quantize(k, grids[p], q.bits[p][0]), grids[p], q.bits[p][0], out_axes[p], dtype=k.dtype
+        )
+        for p, k in kernels.items()
+    }
+    variables = with_kernels({**dict(q.variables), "params": state.params}, dequantized_kernels(q.layers, weights))
     quantized = QuantizedModel(
-        q.model, q.layers, q.spec, {**dict(q.variables), "params": params}, q.act_params, dict(q.apply_kwargs)
+        q.model, q.layers, q.spec, variables, q.act_params, dict(q.apply_kwargs), {**q.weights, **weights}
     )
     report = {**result.report, "qat": {"steps": int(state.step), **(record or {})}}
     return dataclasses.replace(result, quantized=quantized, method=f"{result.method}+qat", report=report)

@@ -11,15 +11,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 import flax.linen as nn
+import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from lampq_jax.apply.fake import QuantSpec
+from lampq_jax.apply.fake import QuantSpec, dequantized_kernels, with_kernels
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.models.vit import ViT
+from lampq_jax.quant.qtensor import QuantizedTensor
 
-RESULT_FORMAT = 1
+# 2: the quantized kernels are stored as their codes and grids (`QuantizedModel.weights`), not as floats.
+RESULT_FORMAT = 2
 
 
 @dataclasses.dataclass(eq=False)
@@ -84,9 +87,16 @@ class QuantizationResult:
             "model": _model_config(q.model),
             "type_rules": [list(r) for r in self.rules],
             "layers": [dataclasses.asdict(l) for l in q.layers],
+            "weights": {
+                p: {"bits": t.bits, "shape": list(t.shape), "dtype": t.dtype.name} for p, t in q.weights.items()
+            },
         }
-        arrays = {f"variables/{k}": np.asarray(v) for k, v in flatten_dict(_plain(q.variables), sep="/").items()}
+        coded = {f"params/{p}/kernel" for p in q.weights}
+        flat = flatten_dict(_plain(q.variables), sep="/")
+        arrays = {f"variables/{k}": np.asarray(v) for k, v in flat.items() if k not in coded}
         arrays.update({f"act_params/{site}": np.asarray(t) for site, t in q.act_params.items()})
+        for p, t in q.weights.items():
+            arrays.update({f"weights/{p}/{f}": np.asarray(getattr(t, f)) for f in ("packed", "scale", "zero_point")})
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             (tmp / "allocation.json").write_text(json.dumps(allocation, indent=1))
@@ -153,7 +163,10 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
             raise FileNotFoundError(f"{folder} is not a saved result: {name} is missing")
     allocation = _read_json(folder, "allocation.json")
     if allocation.get("format") != RESULT_FORMAT:
-        raise ValueError(f"{folder}: unsupported result format {allocation.get('format')!r}")
+        raise ValueError(
+            f"{folder}: result format {allocation.get('format')!r}, this lampq_jax reads format {RESULT_FORMAT} "
+            "(format 1 stored float kernels without their codes: quantize again to save it anew)"
+        )
     if model is None:
         if allocation["model"] is None:
             raise ValueError(f"{folder} was made from a model that is not a lampq_jax ViT; pass model=")
@@ -166,6 +179,15 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
             {k[len("variables/") :]: npz[k] for k in npz.files if k.startswith("variables/")}, sep="/"
         )
         act_params = {k[len("act_params/") :]: npz[k] for k in npz.files if k.startswith("act_params/")}
+        weights = {
+            p: QuantizedTensor(
+                *(jnp.asarray(npz[f"weights/{p}/{f}"]) for f in ("packed", "scale", "zero_point")),
+                bits=meta["bits"],
+                shape=tuple(meta["shape"]),
+                dtype=jnp.dtype(meta["dtype"]),
+            )
+            for p, meta in allocation["weights"].items()
+        }
     layers = tuple(
         Layer(
             **{
@@ -184,7 +206,8 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
         attention_bits=allocation["attention_bits"],
         weight_grid=allocation["weight_grid"],
     )
-    quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]))
+    variables = with_kernels(variables, dequantized_kernels(layers, weights))
+    quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]), weights)
     rules = tuple((str(p), str(t)) for p, t in allocation.get("type_rules", []))  # absent in older saves
     return QuantizationResult(
         quantized=quantized,

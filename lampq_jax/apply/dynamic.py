@@ -6,7 +6,7 @@ quantized) and kernels quantized on the host side per (layer, bits) and cached, 
 the assignment never retraces. The static path (`QuantizedModel`) is used for the final model.
 
     uniform:  x̂ = (clip(round(x / s) + z, 0, 2^b − 1) − z) · s,  (s, z) = table[b]
-    log√2:    code = round(−2 log2 w), x̂ = 2^(−code / 2) if code ≤ 2^b − 1 else 0
+    softmax:  code = round(−k log2 w), x̂ = 2^(−code / k) if code ≤ 2^b − 1 else 0   (`softmax_dynamic`)
 """
 
 from __future__ import annotations

@@ -5,10 +5,10 @@
     layers:    (path, weight bits, activation bits) per layer; weights per output channel with a
                clipping search, the layer's input per tensor with calibrated ranges
     attention: (path, bits) per nn.MultiHeadDotProductAttention; q, k, v uniform per tensor,
-               the softmax output log√2 on [0, 1] (uniform from `SOFTMAX_UNIFORM_FROM_BITS`)
+               the softmax output on a log grid of base 2^(1/k) (`quant.traced.softmax_dynamic`)
 
-Weights are fake-quantized once (`fake_quantize_params`) and the interceptor quantizes only
-activations. For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
+Weights are quantized once (`quantize_weights`: codes and grid, kept by `QuantizedModel.weights`;
+`fake_quantize_params`: their dequantized values) and the interceptor quantizes only activations. For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
 forward with straight-through gradients, so `jax.grad` reaches the float weights.
 
 Example:
@@ -35,12 +35,15 @@ from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant.gptq import gptq_round
 from lampq_jax.quant.traced import softmax_dynamic
+from lampq_jax.quant.qtensor import QuantizedTensor
 from lampq_jax.quant import (
     UniformParams,
     check_bits,
+    dequantize,
     fake_quant,
     fake_quant_ste,
     num_levels,
+    quantize,
     search_clipping_params,
     weight_reduce_axes,
 )
@@ -115,7 +118,43 @@ class QuantSpec:
         return sites
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid", "ste"))
+@functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid"))
+def quantize_weight(
+    kernel: jax.Array,
+    bits: int,
+    out_axes: tuple[int, ...],
+    *,
+    grid=None,
+    hessian: Optional[jax.Array] = None,
+) -> tuple[jax.Array, UniformParams]:
+    """(int32 codes of the kernel's shape, its per-output-channel grid) with clipping from a ‖Q(W) − W‖² search.
+
+        w_hat = (codes − zero_point) · scale        (`uniform.dequantize`; scale and zero_point broadcast)
+
+    With `hessian` [in, in] (XᵀX / n of the layer's inputs, `lampq_jax.apply.hessians`), the codes are
+    chosen by GPTQ on that grid (`lampq_jax.quant.gptq`); the kernel must then be [*inputs, *outputs].
+    Otherwise they round to nearest. Jitted with the bits static: kernels of one shape (every block of a
+    ViT) share one compilation.
+    """
+    axes = weight_reduce_axes(kernel.ndim, out_axes)
+    kwargs = {} if grid is None else {"grid": grid}
+    params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
+    if hessian is None:
+        return quantize(kernel, params, bits), params
+    n_in = kernel.ndim - len(out_axes)
+    if tuple(out_axes) != tuple(range(n_in, kernel.ndim)):
+        raise ValueError(f"GPTQ needs a kernel [*inputs, *outputs]; got shape {kernel.shape} with out_axes {out_axes}")
+    rows = math.prod(kernel.shape[:n_in])
+    if hessian.shape != (rows, rows):
+        raise ValueError(f"hessian of shape {hessian.shape} does not fit a kernel {kernel.shape} with {rows} inputs")
+    flat = kernel.reshape(rows, -1)
+    on_grid = gptq_round(
+        flat, hessian, params.scale.reshape(-1), params.zero_point.reshape(-1), float(num_levels(bits))
+    )
+    # GPTQ returns (q − z)·s in float32: dividing by s recovers the integer q − z exactly.
+    return quantize(on_grid.reshape(kernel.shape), params, bits), params
+
+
 def quantize_kernel(
     kernel: jax.Array,
     bits: int,
@@ -125,29 +164,48 @@ def quantize_kernel(
     ste: bool = False,
     hessian: Optional[jax.Array] = None,
 ) -> jax.Array:
-    """Fake-quantizes a kernel per output channel (`out_axes`), clipping from a ‖Q(W) − W‖² search.
+    """The kernel fake-quantized per output channel: dequantize(`quantize_weight`), in the kernel's dtype.
 
-    With `hessian` [in, in] (XᵀX / n of the layer's inputs, `lampq_jax.apply.hessians`), the codes are
-    chosen by GPTQ on that grid (`lampq_jax.quant.gptq`); the kernel must then be [*inputs, *outputs].
-    `ste` (straight-through gradients) needs RTN: GPTQ's rounding is not differentiable.
-    Jitted with the bits static: kernels of one shape (every block of a ViT) share one compilation.
+    `ste` (straight-through gradients, for training) rounds to nearest on the same grid; GPTQ's rounding
+    is not differentiable, so `hessian` with `ste` is an error.
     """
-    axes = weight_reduce_axes(kernel.ndim, out_axes)
-    kwargs = {} if grid is None else {"grid": grid}
-    params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
-    if hessian is None:
-        return (fake_quant_ste if ste else fake_quant)(kernel, params, bits)
     if ste:
-        raise ValueError("GPTQ weights (hessian given) have no straight-through gradient; use RTN for training")
-    n_in = kernel.ndim - len(out_axes)
-    if tuple(out_axes) != tuple(range(n_in, kernel.ndim)):
-        raise ValueError(f"GPTQ needs a kernel [*inputs, *outputs]; got shape {kernel.shape} with out_axes {out_axes}")
-    rows = math.prod(kernel.shape[:n_in])
-    if hessian.shape != (rows, rows):
-        raise ValueError(f"hessian of shape {hessian.shape} does not fit a kernel {kernel.shape} with {rows} inputs")
-    flat = kernel.reshape(rows, -1)
-    q = gptq_round(flat, hessian, params.scale.reshape(-1), params.zero_point.reshape(-1), float(num_levels(bits)))
-    return q.reshape(kernel.shape).astype(kernel.dtype)
+        if hessian is not None:
+            raise ValueError("GPTQ weights (hessian given) have no straight-through gradient; use RTN for training")
+        axes = weight_reduce_axes(kernel.ndim, out_axes)
+        kwargs = {} if grid is None else {"grid": grid}
+        params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
+        return fake_quant_ste(kernel, params, bits)
+    codes, params = quantize_weight(kernel, bits, out_axes, grid=grid, hessian=hessian)
+    return dequantize(codes, params).astype(kernel.dtype)
+
+
+def quantize_weights(
+    variables: Any,
+    layers: Sequence[Layer],
+    spec: "QuantSpec",
+    *,
+    hessians: Optional[Mapping[str, jax.Array]] = None,
+) -> dict[str, QuantizedTensor]:
+    """{path: QuantizedTensor} of every layer in `spec`: its codes and grid at its weight bits (packed).
+
+    Layers with an entry in `hessians` {path: [in, in]} get GPTQ codes, the others round to nearest.
+    """
+    out_axes = {l.path: tuple(l.out_axes) for l in layers}
+    hessians = hessians or {}
+    kernels = layer_kernels(variables, [path for path, _, _ in spec.layers])
+    tensors = {}
+    for path, wb, _ in spec.layers:
+        kernel = kernels[path]
+        codes, grid = quantize_weight(kernel, wb, out_axes[path], grid=spec.weight_grid, hessian=hessians.get(path))
+        tensors[path] = QuantizedTensor.from_kernel(codes, grid, wb, out_axes[path], dtype=kernel.dtype)
+    return tensors
+
+
+def dequantized_kernels(layers: Sequence[Layer], tensors: Mapping[str, QuantizedTensor]) -> dict[str, jax.Array]:
+    """{path: kernel} of `tensors` in each layer's own layout and dtype (`QuantizedTensor.kernel`)."""
+    out_axes = {l.path: tuple(l.out_axes) for l in layers}
+    return {path: tensor.kernel(out_axes[path]) for path, tensor in tensors.items()}
 
 
 def layer_kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:
@@ -179,6 +237,7 @@ def fake_quantize_params(
     """`variables` with every kernel in `spec` fake-quantized at its weight bits (others unchanged).
 
     Layers with an entry in `hessians` {path: [in, in]} get GPTQ codes, the others round to nearest.
+    Works under `jax.jit` and `jax.grad` (with `ste`).
     """
     out_axes = {l.path: l.out_axes for l in layers}
     hessians = hessians or {}

@@ -9,8 +9,15 @@ import flax.linen as nn
 import jax
 
 from lampq_jax.apply.calibration import ActivationParams
-from lampq_jax.apply.fake import QuantSpec, activation_interceptor, fake_quantize_params
+from lampq_jax.apply.fake import (
+    QuantSpec,
+    activation_interceptor,
+    dequantized_kernels,
+    quantize_weights,
+    with_kernels,
+)
 from lampq_jax.layers.discovery import Layer
+from lampq_jax.quant.qtensor import QuantizedTensor
 
 
 def freeze_apply_kwargs(kwargs: dict[str, Any]) -> tuple:
@@ -25,6 +32,24 @@ def freeze_apply_kwargs(kwargs: dict[str, Any]) -> tuple:
     return frozen
 
 
+def jitted_apply(model: nn.Module, make_interceptor: Callable[[Any], Callable[..., Any]]) -> Callable[..., Any]:
+    """The one jitted forward of a quantized model, fake or integer:
+
+        run(variables, state, *args, kwargs) = model.apply(variables, *args, **dict(kwargs))
+                                               under nn.intercept_methods(make_interceptor(state))
+
+    `state` is a pytree (traced: e.g. packed weights), `kwargs` sorted (name, value) pairs (static,
+    `freeze_apply_kwargs`). It compiles once per input shape and keyword set; its owner keeps it, so no
+    module-level cache holds the model.
+    """
+
+    def run(variables, state, *args, kwargs):
+        with nn.intercept_methods(make_interceptor(state)):
+            return model.apply(variables, *args, **dict(kwargs))
+
+    return jax.jit(run, static_argnames="kwargs")
+
+
 @dataclasses.dataclass(eq=False)
 class QuantizedModel:
     """`model` run with `spec`'s fake quantization.
@@ -36,6 +61,8 @@ class QuantizedModel:
       variables: the variables with fake-quantized kernels (computed once).
       act_params: calibrated activation quantizers per site.
       apply_kwargs: default keyword arguments of `apply`, e.g. {'train': False}.
+      weights: {layer path: QuantizedTensor}, the codes and grid of every quantized kernel; the kernels
+        in `variables` are their `dequantize`. Export and QAT read them; empty for a model built by hand.
     """
 
     model: nn.Module
@@ -44,7 +71,11 @@ class QuantizedModel:
     variables: Any
     act_params: ActivationParams
     apply_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
-    _compiled: dict[tuple, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
+    weights: Mapping[str, QuantizedTensor] = dataclasses.field(default_factory=dict)
+    _run: Callable[..., Any] = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        self._run = jitted_apply(self.model, lambda _: activation_interceptor(self.spec, self.act_params))
 
     @classmethod
     def create(
@@ -58,29 +89,18 @@ class QuantizedModel:
         *,
         hessians: Optional[Mapping[str, Any]] = None,
     ) -> "QuantizedModel":
-        """Fake-quantizes the kernels of `spec` once (GPTQ for the layers in `hessians`) and returns the model."""
-        qvars = fake_quantize_params(variables, layers, spec, hessians=hessians)
-        return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs))
-
-    def _fn(self, frozen_kwargs: tuple) -> Callable[..., Any]:
-        if frozen_kwargs not in self._compiled:
-            kwargs = dict(frozen_kwargs)
-            interceptor = activation_interceptor(self.spec, self.act_params)
-
-            def run(variables, *args):
-                with nn.intercept_methods(interceptor):
-                    return self.model.apply(variables, *args, **kwargs)
-
-            self._compiled[frozen_kwargs] = jax.jit(run)
-        return self._compiled[frozen_kwargs]
+        """Quantizes the kernels of `spec` once (GPTQ for the layers in `hessians`) and returns the model, whose
+        variables hold the dequantized kernels."""
+        weights = quantize_weights(variables, layers, spec, hessians=hessians)
+        qvars = with_kernels(variables, dequantized_kernels(layers, weights))
+        return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs), weights)
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the quantized model (jitted, traced once per input shape and keyword set).
 
         Keyword arguments override the `apply_kwargs` given at quantization time.
         """
-        frozen = freeze_apply_kwargs({**self.apply_kwargs, **kwargs})
-        return self._fn(frozen)(self.variables, *args)
+        return self._run(self.variables, None, *args, kwargs=freeze_apply_kwargs({**self.apply_kwargs, **kwargs}))
 
     @property
     def bits(self) -> dict[str, tuple[int, int]]:

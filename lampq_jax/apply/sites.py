@@ -4,7 +4,7 @@ A *site* is one tensor whose values get quantized, named by a string:
 
     '<layer path>'                   the input activation of a Dense / DenseGeneral / Conv / Einsum
     '<attention path>/q', '/k', '/v'  inputs of q·kᵀ and softmax·v of nn.MultiHeadDotProductAttention
-    (the softmax output uses a fixed log√2 quantizer on [0, 1] and needs no site)
+    (the softmax output has its own hook, `on_softmax`: a log-grid quantizer on [0, 1], no calibration)
 
 `site_interceptor` runs an unchanged flax.linen model and hands every site's tensor to a
 callback that may replace it; calibration, fake quantization and the Fisher pass are all

@@ -34,7 +34,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.fake import QuantSpec, activation_interceptor
-from lampq_jax.apply.model import freeze_apply_kwargs
+from lampq_jax.apply.model import freeze_apply_kwargs, jitted_apply
 from lampq_jax.kernels.tiling import BlockSizes
 from lampq_jax.kernels.weight_only_matmul import weight_only_matmul
 from lampq_jax.layers.discovery import module_path
@@ -153,8 +153,8 @@ class IntegerModel:
     tensors: Mapping[str, QuantizedTensor]
     block_sizes: Optional[BlockSizes] = None
     interpret: Optional[bool] = None
-    _compiled: dict[tuple, Callable[..., Any]] = dataclasses.field(default_factory=dict, repr=False)
-    _variables: Any = dataclasses.field(default=None, repr=False)
+    _variables: Any = dataclasses.field(init=False, repr=False)
+    _run: Callable[..., Any] = dataclasses.field(init=False, repr=False)
 
     def __post_init__(self):
         quantized = self.result.quantized
@@ -172,35 +172,21 @@ class IntegerModel:
         # fake-quantized kernels.
         self.tensors = {p: t for p, t in self.tensors.items() if kinds[p] in ("dense", "dense_general")}
         self._variables = _without_kernels(quantized.variables, self.tensors)
+        options = {"block_sizes": self.block_sizes, "interpret": self.interpret}
+        self._run = jitted_apply(
+            quantized.model,
+            lambda tensors: integer_interceptor(quantized.spec, quantized.act_params, tensors, **options),
+        )
 
     @property
     def integer_layers(self) -> list[str]:
         """Paths of the layers that run on packed weights."""
         return list(self.tensors)
 
-    def _fn(self, frozen_kwargs: tuple) -> Callable[..., Any]:
-        if frozen_kwargs not in self._compiled:
-            kwargs = dict(frozen_kwargs)
-            quantized = self.result.quantized
-
-            def run(variables, tensors, *args):
-                interceptor = integer_interceptor(
-                    quantized.spec,
-                    quantized.act_params,
-                    tensors,
-                    block_sizes=self.block_sizes,
-                    interpret=self.interpret,
-                )
-                with nn.intercept_methods(interceptor):
-                    return quantized.model.apply(variables, *args, **kwargs)
-
-            self._compiled[frozen_kwargs] = jax.jit(run)
-        return self._compiled[frozen_kwargs]
-
     def apply(self, *args: Any, **kwargs: Any) -> Any:
         """Runs the model (jitted once per input shape and keyword set); kwargs override the result's."""
         frozen = freeze_apply_kwargs({**self.result.quantized.apply_kwargs, **kwargs})
-        return self._fn(frozen)(self._variables, dict(self.tensors), *args)
+        return self._run(self._variables, dict(self.tensors), *args, kwargs=frozen)
 
 
 def integer_apply(result: Any, tensors: Mapping[str, QuantizedTensor], *args: Any, **kwargs: Any) -> Any:

@@ -14,9 +14,9 @@ from the absolute maximum (`weight_calibration_method='absmax'`, Qwix's default;
 'minmax' supports only int4 and int8), activations quantized dynamically per token unless the
 rule asks for static ranges. LampQ's weights are asymmetric with a clipping search and its
 activations use calibrated static ranges, so the two models agree on *what* is quantized at how
-many bits, not on the values. The attention matmuls (q, k, v and the log√2 softmax quantizer of
+many bits, not on the values. The attention matmuls (q, k, v and the log-grid softmax quantizer of
 LampQ) get no rule: Qwix's PTQ provider quantizes an einsum's inputs only under a rule that also
-quantizes a weight, and it has no log√2 type. Qwix's PTQ convolution needs the same type for
+quantizes a weight, and it has no log-grid type. Qwix's PTQ convolution needs the same type for
 weights and activations, so a Conv layer with different weight and activation bits raises.
 
 Qwix is an optional dependency (tested with qwix 0.1.8, jax 0.10.2, flax 0.12.8):

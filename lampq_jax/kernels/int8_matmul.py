@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lampq_jax.kernels import tiling
+from lampq_jax.quant.uniform import UniformParams, quantize
 from lampq_jax.kernels.tiling import BlockSizes, canonical_backend, compiler_params, fit_block, fit_rows
 from lampq_jax.kernels.tiling import resolve_block_sizes, resolve_interpret
 
@@ -191,12 +192,15 @@ def quantize_int8_symmetric(a: jax.typing.ArrayLike, axis: int) -> tuple[jax.Arr
     ``scale = max|a| / 127`` over ``axis`` (1 where the slice is all zero),
     ``codes = clip(round(a / scale), -127, 127)``. For activations ``x [M, K]`` use ``axis=1``
     (scale ``[M, 1]``); for weights ``w [K, N]`` use ``axis=0`` (scale ``[1, N]``).
+
+    That is the library's one uniform quantizer (`quant.uniform.quantize`) at 8 bits with the zero point
+    127, shifted back by 127: |a / scale| ≤ 127, so its clip to [0, 255] never binds above 254.
     """
     a = jnp.asarray(a, jnp.float32)
     amax = jnp.max(jnp.abs(a), axis=axis, keepdims=True)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0)
-    codes = jnp.clip(jnp.round(a / scale), -127, 127).astype(jnp.int8)
-    return codes, scale
+    codes = quantize(a, UniformParams(scale, jnp.full_like(scale, 127.0)), 8) - 127
+    return codes.astype(jnp.int8), scale
 
 
 __all__ = [

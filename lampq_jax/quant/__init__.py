@@ -1,10 +1,8 @@
-"""Quantizer math on arrays: uniform (min-max and clipping search), log-√2, STE. No Flax."""
+"""Quantizer math on arrays: uniform (min-max and clipping search), STE, GPTQ, packed tensors. No Flax."""
 
 from lampq_jax.quant.clipping import DEFAULT_CLIP_RATIOS
 from lampq_jax.quant.clipping import quant_errors
 from lampq_jax.quant.clipping import search_clipping_params
-from lampq_jax.quant.log2 import fake_quant_log_sqrt2
-from lampq_jax.quant.log2 import fake_quant_log_sqrt2_ste
 from lampq_jax.quant.uniform import MAX_BITS
 from lampq_jax.quant.uniform import MIN_BITS
 from lampq_jax.quant.uniform import UniformParams

@@ -23,13 +23,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from lampq_jax.quant.uniform import fake_quant_levels
+
 DEFAULT_DAMP = 0.01  # λ = DEFAULT_DAMP · mean(diag H) added to the diagonal
 DEFAULT_BLOCK = 64
-
-
-def _grid_round(w: jax.Array, scale: jax.Array, zero: jax.Array, levels: jax.Array) -> jax.Array:
-    """(clip(round(w / s) + z, 0, L) − z) · s, w [..., out], s, z [out]."""
-    return (jnp.clip(jnp.round(w / scale) + zero, 0.0, levels) - zero) * scale
 
 
 def damped_hessian(hessian: jax.Array, damp: float = DEFAULT_DAMP) -> jax.Array:
@@ -87,7 +84,7 @@ def gptq_round(
         def one_row(j, inner):
             rows, q_rows, errors = inner
             row = rows[j]
-            q_row = _grid_round(row, scale, zero, levels)
+            q_row = fake_quant_levels(row, scale, zero, levels)
             error = (row - q_row) / u_block[j, j]
             later = (jnp.arange(size) > j).astype(jnp.float32)
             rows = rows - (u_block[j] * later)[:, None] * error[None, :]

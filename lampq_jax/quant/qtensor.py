@@ -31,13 +31,14 @@ import json
 import math
 import os
 import tempfile
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lampq_jax.quant import packing
+from lampq_jax.quant.uniform import UniformParams, check_bits, dequantize, quantize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +143,44 @@ class QuantizedTensor:
         codes, scale, zero_point = quantize_per_channel(w, bits, lo=lo, hi=hi)
         return cls.from_codes(codes, scale, zero_point, bits, shape=shape, dtype=w.dtype)
 
+    @classmethod
+    def from_kernel(
+        cls,
+        codes: jax.typing.ArrayLike,
+        grid: UniformParams,
+        bits: int,
+        out_axes: tuple[int, ...],
+        *,
+        dtype: jax.typing.DTypeLike = jnp.float32,
+    ) -> "QuantizedTensor":
+        """A kernel's integer codes on its per-output-channel grid, as a tensor in the container of `bits`.
+
+        Args:
+          codes: integer, the kernel's shape (any layout), values in [0, 2^bits − 1].
+          grid: (scale, zero_point) broadcastable against the kernel, size 1 on every axis but `out_axes`.
+          bits: the codes' width in [2, 8]; stored in `container_bits(bits)` (7 -> 8).
+          out_axes: the kernel's output-channel axes.
+          dtype: the kernel's dtype.
+
+        The tensor's `shape` is the kernel's with the output axes moved last (`kernel_permutation`);
+        `kernel(out_axes)` gives back the kernel in its own layout.
+        """
+        codes = jnp.asarray(codes)
+        perm = kernel_permutation(codes.ndim, out_axes)
+        moved = jnp.transpose(codes, perm)
+        n = math.prod(codes.shape[a % codes.ndim] for a in out_axes)
+        out = perm[codes.ndim - len(out_axes) :]
+        kept = [codes.shape[a] if a in out else 1 for a in range(codes.ndim)]
+        channels = [jnp.transpose(jnp.broadcast_to(jnp.asarray(v, jnp.float32), kept), perm) for v in grid]
+        return cls.from_codes(
+            moved.reshape(-1, n),
+            channels[0].reshape(-1),
+            channels[1].reshape(-1),
+            container_bits(bits),
+            shape=tuple(moved.shape),
+            dtype=dtype,
+        )
+
     # ---- views ------------------------------------------------------------------------------
 
     @property
@@ -167,11 +206,29 @@ class QuantizedTensor:
         """
         return _dequantize(self, jnp.dtype(self.dtype if dtype is None else dtype))
 
+    def kernel(self, out_axes: tuple[int, ...], dtype: jax.typing.DTypeLike | None = None) -> jax.Array:
+        """The dequantized kernel in its own layout (inverse of `from_kernel` with the same `out_axes`)."""
+        perm = kernel_permutation(len(self.shape), out_axes)
+        return jnp.transpose(self.dequantize(dtype).reshape(self.shape), np.argsort(perm))
+
+    def grid(self, out_axes: tuple[int, ...]) -> UniformParams:
+        """(scale, zero_point) broadcastable against the kernel in its own layout (see `from_kernel`)."""
+        ndim = len(self.shape)
+        perm = kernel_permutation(ndim, out_axes)
+        original = [self.shape[perm.index(a)] for a in range(ndim)]
+        out = perm[ndim - len(out_axes) :]
+        kept = [original[a] if a in out else 1 for a in range(ndim)]
+        return UniformParams(
+            *(
+                jnp.transpose(v.reshape([original[a] for a in out]), np.argsort(out)).reshape(kept)
+                for v in (self.scale, self.zero_point)
+            )
+        )
+
 
 @functools.partial(jax.jit, static_argnames=("dtype",))
 def _dequantize(qt: QuantizedTensor, dtype) -> jax.Array:
-    w = (qt.codes(jnp.int32).astype(jnp.float32) - qt.zero_point) * qt.scale
-    return w.astype(dtype)
+    return dequantize(qt.codes(jnp.int32), UniformParams(qt.scale, qt.zero_point)).astype(dtype)
 
 
 jax.tree_util.register_dataclass(
@@ -192,6 +249,22 @@ def _check_matrix_shape(shape: tuple[int, ...], k: int, n: int) -> None:
     raise ValueError(f"no trailing axes of shape {shape} multiply to N={n}")
 
 
+def container_bits(bits: int) -> int:
+    """Smallest packed width (`packing.SUPPORTED_BITS`) that holds `bits`-bit codes: 7 -> 8.
+
+    Raises:
+      ValueError: `bits` is not an integer in [2, 8].
+    """
+    bits = check_bits(bits)
+    return min(b for b in packing.SUPPORTED_BITS if b >= bits)
+
+
+def kernel_permutation(ndim: int, out_axes: Sequence[int]) -> tuple[int, ...]:
+    """Axis order that puts a kernel's contraction axes first and its output axes last (each in order)."""
+    out = tuple(a % ndim for a in out_axes)
+    return tuple(a for a in range(ndim) if a not in out) + out
+
+
 def quantize_per_channel(
     w: jax.Array,
     bits: int,
@@ -210,16 +283,15 @@ def quantize_per_channel(
 
 @functools.partial(jax.jit, static_argnames=("bits",))
 def _quantize_per_channel(w, lo, hi, *, bits):
-    qmax = 2**bits - 1
+    """The range [lo, hi] of each column (default its min and max) as a grid, then `uniform.quantize` on it."""
     wf = jnp.asarray(w, jnp.float32)
     lo = jnp.min(wf, axis=0) if lo is None else jnp.asarray(lo, jnp.float32).reshape(-1)
     hi = jnp.max(wf, axis=0) if hi is None else jnp.asarray(hi, jnp.float32).reshape(-1)
     span = hi - lo
     degenerate = jnp.where(jnp.abs(lo) > 0, jnp.abs(lo), 1.0)
-    scale = jnp.where(span > 0, span / qmax, degenerate)
+    scale = jnp.where(span > 0, span / (2**bits - 1), degenerate)
     zero_point = jnp.round(-lo / scale)
-    codes = jnp.clip(jnp.round(wf / scale) + zero_point, 0, qmax).astype(jnp.int32)
-    return codes, scale, zero_point
+    return quantize(wf, UniformParams(scale, zero_point), bits), scale, zero_point
 
 
 # ---- files ---------------------------------------------------------------------------------
@@ -278,4 +350,11 @@ def load_qtensors(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
     return out
 
 
-__all__ = ["QuantizedTensor", "load_qtensors", "quantize_per_channel", "save_qtensors"]
+__all__ = [
+    "QuantizedTensor",
+    "container_bits",
+    "kernel_permutation",
+    "load_qtensors",
+    "quantize_per_channel",
+    "save_qtensors",
+]

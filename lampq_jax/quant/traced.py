@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from lampq_jax.quant.uniform import fake_quant_levels
+
 # The softmax quantizer's L + 1 levels 2^(−code/k) span [floor, 1] with floor = 1 / (F · n) for n keys:
 # k = L / log2(F n). log√2 (RepQ-ViT, k = 2) fixes the base, so its floor 2^(−L/2) sits above a typical
 # probability 1/n at 4 bits and 257 tokens (2^−7.5 ≈ 1/181), and its levels are √2 apart even at 8 bits;
@@ -30,7 +32,7 @@ def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array, *, ste: 
     safe = jnp.maximum(bits, 2)
     scale, zero = table[safe, 0], table[safe, 1]
     levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    q = ((jnp.clip(jnp.round(x / scale) + zero, 0.0, levels) - zero) * scale).astype(x.dtype)
+    q = fake_quant_levels(x, scale, zero, levels).astype(x.dtype)
     if ste:
         inside = (x >= (0.0 - zero) * scale) & (x <= (levels - zero) * scale)
         q = jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))

@@ -83,11 +83,11 @@ def test_jitted_apply_traces_once(tiny_setup):
     model, variables, images = tiny_setup
     result = lampq_jax.quantize_uniform(model, variables, images, 4, train=False)
     outs = [result.apply(images) for _ in range(3)]
-    (compiled,) = result.quantized._compiled.values()
+    compiled = result.quantized._run
     assert compiled._cache_size() == 1
     np.testing.assert_array_equal(outs[0], outs[2])
     result.apply(images, train=False)  # the same keyword set: same trace
-    assert compiled._cache_size() == 1 and len(result.quantized._compiled) == 1
+    assert compiled._cache_size() == 1
 
 
 def test_vmap_and_grad_through_quantized_apply(tiny_setup, calibrated):

@@ -14,7 +14,7 @@ import pytest
 from flax.traverse_util import flatten_dict
 
 from lampq_jax.apply import calibrate_activations, find_attention_paths
-from lampq_jax.apply.fake import QuantSpec
+from lampq_jax.apply.fake import QuantSpec, quantize_weight
 from lampq_jax.deploy.integer import IntegerModel, integer_apply
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.layers import find_layers
@@ -22,14 +22,13 @@ from lampq_jax.deploy.export import (
     container_bits,
     export_nbytes,
     export_result,
-    grid_codes,
     kernel_matrix,
     load_export,
     restore_kernel,
     save_export,
 )
 from lampq_jax.pipeline import size_report
-from lampq_jax.quant import packing
+from lampq_jax.quant import packing, uniform
 from lampq_jax.quant.qtensor import QuantizedTensor
 from lampq_jax.deploy.qwix_rules import qwix_qtype, qwix_qtype_bits, qwix_rules
 from lampq_jax.result import QuantizationResult
@@ -76,36 +75,41 @@ def test_export_dequantizes_exactly_to_fake_quantized_kernels(mixed, tensors):
     assert tensors["embedding"].matrix_shape == (49, 32)  # [7, 7, 1, 32] -> [49, 32]
 
 
-def test_grid_codes_finds_grids_that_min_max_misses():
-    s = np.float32(0.1)
-    # 2 bits, z = 3: grid {-0.3, -0.2, -0.1, 0}; the column uses codes 1 and 2 only.
-    col = np.array([[-2], [-1], [-2]], np.float32) * s
-    codes, scale, zero = grid_codes(col, 2)
-    np.testing.assert_array_equal((codes - zero) * scale, col)
-    minmax = QuantizedTensor.from_float(col, 2).dequantize()
-    assert not np.array_equal(np.asarray(minmax), col)
-    # 3 bits, n in {-2, 3}: the smallest gap (with 0) is 2s, so the search needs m = 2.
-    col = np.array([[-2], [3], [-2], [0]], np.float32) * s
-    codes, scale, zero = grid_codes(col, 3)
-    np.testing.assert_array_equal((codes.astype(np.float32) - zero) * scale, col)
-    assert scale[0] == s and sorted(np.unique(codes[:, 0] - zero[0])) == [-2, 0, 3]
-    # an all-zero column and a single non-zero value
-    col = np.array([[0.0, 0.7], [0.0, 0.7]], np.float32)
-    codes, scale, zero = grid_codes(col, 4)
-    np.testing.assert_array_equal((codes - zero) * scale, col)
-
-
-def test_export_rejects_kernels_off_the_grid(tiny_setup, mixed):
-    with pytest.raises(ValueError, match=r"kernel: 3 of 3 output channel\(s\) \(e.g. \[0, 1, 2\]\).*4-bit"):
-        grid_codes(np.asarray(jax.random.normal(jax.random.key(0), (16, 3))), 4)
+def test_exported_codes_are_the_quantizers_own(tiny_setup, mixed, tensors):
+    """Export reads the codes the kernels were made from: uniform.quantize of the float kernel on its grid."""
     _, variables, _ = tiny_setup
-    broken = dataclasses.replace(mixed.quantized, variables=variables, _compiled={})  # float kernels
-    with pytest.raises(
-        ValueError, match=r"layer 'Transformer/encoderblock_0/MlpBlock_0/Dense_0': \d+ of 64 output channel\(s\).*2-bit"
-    ):
-        export_result(QuantizationResult(quantized=broken, method="broken"))
+    layers = {l.path: l for l in mixed.quantized.layers}
+    float_kernels = flatten_dict(variables["params"], sep="/")
+    for path in ("Transformer/encoderblock_0/MultiHeadDotProductAttention_0/out", "embedding"):
+        wbits, out_axes = mixed.bits[path][0], tuple(layers[path].out_axes)
+        codes, grid = quantize_weight(float_kernels[f"{path}/kernel"], wbits, out_axes)
+        np.testing.assert_array_equal(tensors[path].grid(out_axes).scale, grid.scale)
+        np.testing.assert_array_equal(tensors[path].grid(out_axes).zero_point, grid.zero_point)
+        np.testing.assert_array_equal(
+            np.asarray(tensors[path].codes()), np.asarray(kernel_matrix(np.asarray(codes), out_axes)[0])
+        )
+
+
+def test_from_kernel_keeps_an_einsum_layout():
+    """Output axis in the middle: the tensor stores [K, N] with the output axis last and gives the kernel back."""
+    kernel = jax.random.normal(jax.random.key(1), (4, 3, 5))
+    out_axes = (1,)
+    grid = uniform.minmax_params(kernel, 5, reduce_axes=(0, 2))
+    codes = uniform.quantize(kernel, grid, 5)
+    tensor = QuantizedTensor.from_kernel(codes, grid, 5, out_axes)
+    assert tensor.shape == (4, 5, 3) and tensor.matrix_shape == (20, 3)
+    np.testing.assert_array_equal(tensor.kernel(out_axes), uniform.dequantize(codes, grid))
+    np.testing.assert_array_equal(tensor.grid(out_axes).scale, grid.scale)
+    np.testing.assert_array_equal(tensor.codes(), kernel_matrix(np.asarray(codes), out_axes)[0])
+
+
+def test_export_names_layers_without_codes(tiny_setup, mixed):
+    _, variables, _ = tiny_setup
+    by_hand = dataclasses.replace(mixed.quantized, variables=variables, weights={})  # no codes
+    with pytest.raises(ValueError, match=r"layer\(s\) \['Transformer/encoderblock_0/.*'\] have no codes"):
+        export_result(QuantizationResult(quantized=by_hand, method="by hand"))
     with pytest.raises(ValueError, match=r"bits must be an integer in \[2, 8\], got 9"):
-        grid_codes(np.zeros((2, 2), np.float32), 9)
+        container_bits(9)
 
 
 def test_kernel_matrix_puts_output_axes_last():

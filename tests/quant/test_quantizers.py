@@ -51,8 +51,6 @@ CALLS_WITH_BITS = {
     "quantize": lambda b: q.quantize(X_SMALL, P_SMALL, b),
     "fake_quant": lambda b: q.fake_quant(X_SMALL, P_SMALL, b),
     "fake_quant_ste": lambda b: q.fake_quant_ste(X_SMALL, P_SMALL, b),
-    "fake_quant_log_sqrt2": lambda b: q.fake_quant_log_sqrt2(X_SMALL, b),
-    "fake_quant_log_sqrt2_ste": lambda b: q.fake_quant_log_sqrt2_ste(X_SMALL, b),
     "quant_errors": lambda b: q.quant_errors(X_SMALL, [4, b]),
 }
 
@@ -137,7 +135,7 @@ def test_low_precision_inputs_keep_dtype(gaussian, dtype):
     x = jnp.asarray(gaussian, dtype)
     params = q.minmax_params(x, 6)
     assert params.scale.dtype == jnp.float32
-    for out in (q.fake_quant(x, params, 6), q.fake_quant_ste(x, params, 6), q.fake_quant_log_sqrt2(x, 4)):
+    for out in (q.fake_quant(x, params, 6), q.fake_quant_ste(x, params, 6)):
         assert out.dtype == dtype
     f32 = float(q.quant_errors(gaussian, [6])[0])
     low = float(q.quant_errors(x, [6])[0])
@@ -266,52 +264,6 @@ def test_uniform_ste_bfloat16_gradient():
     grad = jax.grad(lambda v: q.fake_quant_ste(v, params, 4).astype(jnp.float32).sum())(x)
     assert grad.dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(grad, np.float32), [0, 0, 0, 0, 1, 1, 1, 0, 0])
-
-
-# ---------------------------------------------------------------- log-√2 quantizer
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_log_sqrt2_exact_on_powers_of_sqrt2(bits):
-    k = np.arange(min(2**bits, 240))  # at 8 bits, the last levels are float32 subnormals
-    scale = np.asarray([[1.0], [0.5], [0.3]], np.float32)  # [3, 1]: one scale a row
-    x = scale * np.float32(2.0 ** (-k / 2))  # [3, K], rounded to float32 as the quantizer does
-    np.testing.assert_array_equal(q.fake_quant_log_sqrt2(x, bits, scale=scale), x)
-    np.testing.assert_array_equal(q.fake_quant_log_sqrt2(x[:1], bits), x[:1])
-
-
-def test_log_sqrt2_levels_zero_and_saturation():
-    bits = 3
-    x = np.concatenate([np.random.default_rng(4).uniform(size=2000), [0.0, -0.3, 1.7, 1e-4]]).astype(np.float32)
-    y = np.asarray(q.fake_quant_log_sqrt2(x, bits))
-    levels = np.float32(2.0 ** (-np.arange(2**bits) / 2))
-    assert set(np.unique(y)) <= set(levels) | {0.0}
-    np.testing.assert_array_equal(y[-4:], [0.0, 0.0, 1.0, 0.0])  # 0, negative, > scale, below range
-    xs, ys = np.asarray(x[:-4]), y[:-4]
-    smallest = levels[-1]
-    kept = xs >= smallest
-    ratio = ys[kept] / xs[kept]  # log-domain rounding: within a quarter power of 2
-    assert ratio.min() >= 2**-0.25 - 1e-6 and ratio.max() <= 2**0.25 + 1e-6
-    below = xs < smallest * 2**-0.25 * 0.999
-    assert np.all(ys[below] == 0.0)
-
-
-def test_log_sqrt2_array_scale_and_bad_scale():
-    x = jnp.asarray([[0.5, 0.25], [1.0, 2.0]])
-    scale = jnp.asarray([[0.5], [2.0]])  # one per row, say per head
-    np.testing.assert_array_equal(q.fake_quant_log_sqrt2(x, 4, scale=scale), x)
-    with pytest.raises(ValueError, match="-1.0"):
-        q.fake_quant_log_sqrt2(x, 4, scale=-1.0)
-
-
-def test_log_sqrt2_ste_gradient():
-    bits = 3
-    smallest = 2.0**-3.5  # s · 2^(-(2^b - 1)/2) with s = 1
-    x = jnp.asarray([-0.5, 0.0, 0.01, smallest * 0.99, smallest * 1.01, 0.3, 0.7, 1.0, 1.2])
-    np.testing.assert_array_equal(q.fake_quant_log_sqrt2_ste(x, bits), q.fake_quant_log_sqrt2(x, bits))
-    grad = jax.grad(lambda v: q.fake_quant_log_sqrt2_ste(v, bits).sum())(x)
-    np.testing.assert_array_equal(grad, [0, 0, 0, 0, 1, 1, 1, 1, 0])
-    assert not np.any(np.isnan(np.asarray(jax.grad(lambda v: q.fake_quant_log_sqrt2(v, bits).sum())(x))))
 
 
 # ---------------------------------------------------------------- jit
