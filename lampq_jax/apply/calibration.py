@@ -324,7 +324,8 @@ def calibrate_activations(
       layer_paths, attention_paths: sites to calibrate (None: all).
       channel_sites: {site: n channel axes} (or site names, one axis each) of the layer inputs quantized
         per channel (see `channel_input_sites`).
-      minmax_sites: per-tensor sites calibrated by 'minmax' whatever `method` (see `attention_minmax_sites`).
+      minmax_sites: sites calibrated by 'minmax' whatever `method`, per tensor or per channel (see
+        `attention_minmax_sites`).
       mesh: the devices the statistics' batches are split over (None: all devices; see `data_parallel`).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
@@ -365,7 +366,7 @@ def calibrate_activations(
             jnp.asarray(rows),
             jnp.asarray(mn, jnp.float32).ravel(),
             jnp.asarray(mx, jnp.float32).ravel(),
-            method,
+            "minmax" if s in minmax_sites else method,
             float(percentile),
         )
         channel[s] = np.asarray(table).reshape(table.shape[:2] + shape)

@@ -119,6 +119,27 @@ def test_silent_channels_get_the_median_range():
     np.testing.assert_allclose(hi[1:], x[:, 1:].max(0), atol=float(scale.max()))  # the others keep their own
 
 
+def test_minmax_sites_also_hold_for_per_channel_sites():
+    """A per-channel site in `minmax_sites` keeps each channel's full range where 'mse' would clip it."""
+    import flax.linen as nn
+
+    class Linear(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(3)(x)
+
+    x = np.random.default_rng(1).standard_t(2, [512, 4]).astype(np.float32)  # heavy tails: MSE clips them
+    model = Linear()
+    variables = model.init(jax.random.key(0), x[:1])
+    sites = frozenset({"Dense_0"})
+    kept = calibrate_activations(model, variables, x, method="mse", channel_sites=sites, minmax_sites=sites)
+    clipped = calibrate_activations(model, variables, x, method="mse", channel_sites=sites)
+    scale, zero = kept["Dense_0"][4]
+    np.testing.assert_allclose((15 - zero) * scale, x.max(0), atol=float(scale.max()))
+    np.testing.assert_allclose(-zero * scale, x.min(0), atol=float(scale.max()))
+    assert (clipped["Dense_0"][4, 0] < 0.9 * scale).any()  # the MSE search shrank some channel's range
+
+
 def test_minmax_types_keep_the_embedding_input_range(tiny_vit):
     """minmax_types=('embed',) (the default) calibrates the image (the patch embedding's input) min-max; () clips."""
     model, variables, images = tiny_vit
