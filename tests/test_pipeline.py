@@ -1,3 +1,4 @@
+import json
 import os
 
 import numpy as np
@@ -62,8 +63,18 @@ def test_save_and_reload_identical(tmp_path, tiny_setup, lampq_result):
     loaded = lampq_jax.load_result(folder)
     assert loaded.bits == lampq_result.bits and loaded.method == "lampq"
     np.testing.assert_array_equal(loaded.apply(images), lampq_result.apply(images))
+    for path, tensor in lampq_result.quantized.weights.items():  # the codes, not only the values, come back
+        np.testing.assert_array_equal(loaded.quantized.weights[path].packed, tensor.packed)
+    with np.load(folder / "arrays.npz") as npz:  # kernels are stored as packed codes, not as floats
+        assert not any(
+            k.endswith("/kernel") and k[len("variables/params/") : -len("/kernel")] in loaded.bits for k in npz
+        )
     with pytest.raises(FileExistsError, match="overwrite=True"):
         lampq_result.save(folder)
+    allocation = json.loads((folder / "allocation.json").read_text())
+    (folder / "allocation.json").write_text(json.dumps({**allocation, "format": 1}))
+    with pytest.raises(ValueError, match="result format 1, this lampq_jax reads format 2.*quantize again"):
+        lampq_jax.load_result(folder)
 
 
 def test_corrupted_saved_result_named(tmp_path, lampq_result):
