@@ -5,6 +5,9 @@ hawq            HAWQ-V3 style: α = none (trace-weighted Fisher), no iterations 
 vtptq           VT-PTQ style: one bit-width per attention / MLP module, nuclear-norm metric
 random          random assignments that meet the same budget (`quantize_random`)
 no_i1 / no_i2 / no_i3   LampQ without per-layer granularity / the type-aware α / the iterations
+
+The peer baselines (hawq, vtptq, random) return their own allocation (`keep_uniform=False`); LampQ and its
+ablations keep the uniform assignment when it measures better (`LampQConfig.keep_uniform`).
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from lampq_jax.result import QuantizationResult
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "lampq": {},
-    "hawq": {"alpha": "none", "iterations": 0},
-    "vtptq": {"metric": "vtptq", "granularity": "module", "alpha": "none", "iterations": 0},
+    "hawq": {"alpha": "none", "iterations": 0, "keep_uniform": False},
+    "vtptq": {"metric": "vtptq", "granularity": "module", "alpha": "none", "iterations": 0, "keep_uniform": False},
     "no_i1": {"granularity": "module"},
     "no_i2": {"alpha": "none"},
     "no_i3": {"iterations": 0},
@@ -57,7 +60,9 @@ def quantize_random(
         variables,
         calib_images,
         budget=budget,
-        config=dataclasses.replace(config, metric="random", iterations=0, alpha="none", seed=seed, metric_check=False),
+        config=dataclasses.replace(
+            config, metric="random", iterations=0, alpha="none", seed=seed, metric_check=False, keep_uniform=False
+        ),
         rules=rules,
         **apply_kwargs,
     )

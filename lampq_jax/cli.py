@@ -128,6 +128,7 @@ CONFIG_SWITCHES = {
     "--separate-wa": ("separate_weight_act_bits", True),
     "--no-progress": ("progress", False),
     "--no-metric-check": ("metric_check", False),
+    "--no-keep-uniform": ("keep_uniform", False),
 }
 
 

@@ -99,6 +99,9 @@ class LampQConfig:
       output: 'logits' or 'features' (likelihood of the true Fisher, default objective).
       batch_size: samples per vmapped chunk of the Fisher pass and per calibration batch.
       metric_check: also measure every group alone to report the metric's Spearman figure.
+      keep_uniform: also measure the uniform assignment at the budget (W b A b, b the largest candidate ≤ β;
+        not for 'model_bytes') and keep it when no round's J is lower, so that the search never returns an
+        allocation its own objective rates below uniform's. Off in the peer baselines (hawq, vtptq, random).
       ilp_time_limit, mip_gap: the solver's limits.
       seed: seeds the true Fisher's targets.
       progress: show progress bars.
@@ -132,6 +135,7 @@ class LampQConfig:
     output: str = "logits"
     batch_size: int = 8
     metric_check: bool = True
+    keep_uniform: bool = True
     ilp_time_limit: float = 30.0
     mip_gap: float = 1e-4
     seed: int = 0

@@ -14,7 +14,15 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from lampq_jax.allocation import AllocationResult
-from lampq_jax.allocation.items import Items, allocation_problem, assignment_of, item_key, scale_bytes
+from lampq_jax.allocation.items import (
+    Items,
+    allocation_problem,
+    allowed_options,
+    assignment_of,
+    item_key,
+    scale_bytes,
+    uniform_choice,
+)
 from lampq_jax.apply import (
     QuantizedModel,
     QuantSpec,
@@ -701,6 +709,23 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
     return best, history
 
 
+def _keep_uniform(run: _LampQRun, items: Items, best, history: list) -> tuple[tuple[float, dict, Any], list]:
+    """(best, history) with the uniform assignment at the budget measured too, and kept when its J is lower
+    (`LampQConfig.keep_uniform`); unchanged when it is off, infeasible or already a round's bits."""
+    config, layers = run.config, run.alloc_layers
+    choice = uniform_choice(items, allowed_options(items, layers, config), config, run.budget)
+    if not config.keep_uniform or choice is None:
+        return best, history
+    uniform = assignment_of(items, layers, choice)
+    if any(h["bits"] == uniform for h in history):
+        return best, history
+    with run.timer("evaluate"):
+        j_value = run.measure({**uniform, **run.fixed_bits}, run.attention_bits)
+    entry = {"round": "uniform", "bits": uniform, "J": j_value, "ilp_status": "none (uniform at the budget)"}
+    entry.update({"ilp_objective": None, "mip_gap": None})
+    return (min(best, (j_value, uniform, "uniform"), key=lambda b: b[0])), [*history, entry]
+
+
 def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, zs_entry) -> QuantizationResult:
     """The result at the best round's bits; the report adds config, α, Spearman, J by round and layer rows."""
     config, cands = run.config, list(run.config.candidates)
@@ -805,7 +830,7 @@ def quantize(
     )
     sens = _sensitivity(run)
     items, solve = allocation_problem(run.alloc_layers, config, budget)
-    best, history = _iterate(run, sens, items, solve)
+    best, history = _keep_uniform(run, items, *_iterate(run, sens, items, solve))
     run.bar.close()
     return _lampq_result(run, sens, best, history, synthetic, zs_entry)
 

@@ -213,7 +213,7 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
                 h["round"],
                 f"{h['J']:.5f}",
                 h["ilp_status"],
-                f"{h['ilp_objective']:.4g}",
+                "—" if h["ilp_objective"] is None else f"{h['ilp_objective']:.4g}",
                 " ".join(str(b[0]) for b in h["bits"].values()),
             ]
             for h in r["history"]

@@ -49,6 +49,21 @@ def test_lampq_meets_budget_and_reports(lampq_result):
     assert "| embed | 1 | 1,568 | 8 | 8 |" in text and "| head | 1 |" in text
 
 
+def test_keep_uniform_returns_the_best_measured_assignment(tiny_setup, lampq_result):
+    """The uniform assignment at the budget is measured beside the rounds; the result is the lowest J of all."""
+    model, variables, images = tiny_setup
+    history = lampq_result.report["history"]
+    uniform = {p: [4, 4] for p in history[0]["bits"]}
+    assert sum(h["bits"] == uniform or {k: list(v) for k, v in h["bits"].items()} == uniform for h in history) == 1
+    assert lampq_result.report["J"] == min(h["J"] for h in history)
+    (best,) = [h for h in history if h["round"] == lampq_result.report["best_round"]]
+    assert all(lampq_result.bits[p] == tuple(b) for p, b in best["bits"].items())
+    own = lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST, keep_uniform=False))
+    assert all(h["round"] != "uniform" for h in own.report["history"])
+    assert lampq_result.report["J"] <= own.report["J"]
+    assert [h["J"] for h in own.report["history"]] == [h["J"] for h in history if h["round"] != "uniform"]
+
+
 def test_same_seed_same_result(tiny_setup, lampq_result):
     model, variables, images = tiny_setup
     again = lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST))

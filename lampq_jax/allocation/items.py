@@ -107,6 +107,21 @@ def allowed_options(items: Items, layers: Sequence[Any], config: Any) -> np.ndar
     return allowed
 
 
+def uniform_choice(items: Items, allowed: np.ndarray, config: Any, budget: float) -> np.ndarray | None:
+    """[items] the option W b A b of every item, b the largest candidate ≤ `budget` (the uniform assignment at
+    the budget), or None where it is not a point of the problem: a 'model_bytes' budget, no such candidate, or
+    an item that may not take it (min / max bits, fixed layers). Under 'avg_bits' and 'bops' it is feasible:
+    its average is b ≤ β and its BOPs b² Σ MACs ≤ β² Σ MACs."""
+    below = [b for b in config.candidates if b <= budget]
+    if config.budget_kind == "model_bytes" or not below:
+        return None
+    b = max(below)
+    option = np.flatnonzero((items.weight_bits == b) & (items.act_bits == b))
+    if option.size != 1 or not allowed[:, option[0]].all():
+        return None
+    return np.full(len(items.keys), option[0])
+
+
 def assignment_of(items: Items, layers: Sequence[Any], choice: np.ndarray) -> dict[str, tuple[int, int]]:
     """{layer path: (weight bits, activation bits)} of the option `choice[item]` of every item."""
     return {

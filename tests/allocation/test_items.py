@@ -13,6 +13,7 @@ from lampq_jax.allocation.items import (
     build_items,
     item_costs,
     item_sizes,
+    uniform_choice,
 )
 
 ATTN = "Transformer/encoderblock_0/MultiHeadDotProductAttention_0"
@@ -102,3 +103,19 @@ def test_solve_meets_the_budget_and_assigns_every_layer():
     weights = np.array([l.num_weights for l in LAYERS])
     average = sum(bits[l.path][0] * l.num_weights for l in LAYERS) / weights.sum()
     assert average <= 4.0 + 1e-9 and bits[f"{MLP}/Dense_1"] == (8, 8)
+
+
+@pytest.mark.parametrize("separate", [False, True])
+def test_uniform_choice_is_w_b_a_b_at_the_largest_candidate_within_the_budget(separate):
+    config = LampQConfig(separate_weight_act_bits=separate)
+    items = build_items(LAYERS, config)
+    allowed = allowed_options(items, LAYERS, config)
+    for budget, b in ((4.0, 4), (4.5, 4), (2.5, 2), (8.0, 8)):
+        choice = uniform_choice(items, allowed, config, budget)
+        assert set(assignment_of(items, LAYERS, choice).values()) == {(b, b)}, budget
+    assert uniform_choice(items, allowed, config, 1.5) is None  # below every candidate
+    assert uniform_choice(items, allowed, LampQConfig(budget_kind="model_bytes"), 4.0) is None
+    bops = LampQConfig(budget_kind="bops", separate_weight_act_bits=separate)
+    assert set(assignment_of(items, LAYERS, uniform_choice(items, allowed, bops, 5.0)).values()) == {(5, 5)}
+    fixed = LampQConfig(separate_weight_act_bits=separate, fixed_layers=((f"{ATTN}/out", 8),))
+    assert uniform_choice(items, allowed_options(items, LAYERS, fixed), fixed, 4.0) is None  # out may not take 4
