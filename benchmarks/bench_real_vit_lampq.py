@@ -6,7 +6,8 @@ and the calibration objective J = mean (1 − cosine) on the calibration crops t
 optimizes, so the gap between the two shows over-fitting). Budgets are average weight bits of the
 allocated layers, W/A bits tied, embed / head at 8, attention matmul inputs at the budget rounded.
 
-Methods: uniform, LampQ (defaults: α = probe at the lowest candidate), LampQ with α = layer (every unit
+Methods: uniform, LampQ (defaults: α = probe at the lowest candidate, the uniform assignment kept when it
+measures better), LampQ's own allocation (`keep_uniform=False`), LampQ with α = layer (every unit
 probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.alpha_by_unit`),
 HAWQ-style (α = none, K = 0), random, LampQ without I3.
 
@@ -33,7 +34,18 @@ from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
 from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
-METHODS = ("uniform", "lampq", "lampq_layer", "hawq", "random", "no_i3")
+METHODS = ("uniform", "lampq", "lampq_own", "lampq_layer", "hawq", "random", "no_i3")
+STAGE_ORDER = (
+    "discovery",
+    "calibration",
+    "fisher",
+    "metric",
+    "probe",
+    "ilp",
+    "evaluate",
+    "iterations",
+    "quantize_weights",
+)
 
 
 def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lampq_jax.LampQConfig:
@@ -42,6 +54,8 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
     if name == "lampq_layer":
         probe = max(2, min(layer_probe_bits, math.floor(budget) - 1))
         return dataclasses.replace(base, alpha="layer", probe_bits=probe)
+    if name == "lampq_own":
+        return dataclasses.replace(base, keep_uniform=False)
     return lampq_jax.baseline_config(name, base)
 
 
@@ -128,6 +142,21 @@ def main() -> None:
             lines.append(
                 f"| {budget:g} | {name} | {1 - e[0]:.4f}{spread} | {e[0]:.4f} | {ratio} | {c[0]:.4f} | {s[0]:.0f} |"
             )
+    stages = sorted(
+        {k for r in rows for k in r["timings"]}, key=lambda k: STAGE_ORDER.index(k) if k in STAGE_ORDER else 99
+    )
+    stage_lines = [
+        "| budget | method | " + " | ".join(stages) + " | total |",
+        "|---|---|" + "---:|" * (len(stages) + 1),
+    ]
+    for budget in args.budgets:
+        for name in args.methods:
+            picked = [r for r in rows if r["budget"] == budget and r["method"] == name]
+            if picked:
+                mean = {k: float(np.mean([r["timings"].get(k, 0.0) for r in picked])) for k in stages}
+                total_s = float(np.mean([r["seconds"] for r in picked]))
+                cells = " | ".join(f"{mean[k]:.0f}" for k in stages)
+                stage_lines.append(f"| {budget:g} | {name} | {cells} | {total_s:.0f} |")
     total = time.perf_counter() - start_all
     body = (
         "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines\n\n"
@@ -136,6 +165,8 @@ def main() -> None:
         "attention inputs at the budget rounded. 'ratio to uniform' is (1 − cos) over uniform's (goal ≤ 0.75). "
         "'calibration J' is the objective on the calibration crops.\n\n"
         + "\n".join(lines)
+        + "\n\nSeconds by stage (the result's `timings`; 'total' is the whole call):\n\n"
+        + "\n".join(stage_lines)
         + f"\n\nWhole run: {total:.0f} s."
     )
     write_section("bench_real_vit_lampq", body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
