@@ -30,7 +30,7 @@ import optax
 from tqdm.auto import tqdm
 
 from lampq_jax.apply.calibration import batched_outputs, check_images
-from lampq_jax.apply.fake import activation_interceptor, dequantized_kernels, layer_kernels, with_kernels
+from lampq_jax.apply.fake import activation_interceptor, layer_kernels, with_kernels, with_weights
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.quant import UniformParams, fake_quant, fake_quant_ste, quantize
 from lampq_jax.quant.qtensor import QuantizedTensor
@@ -181,7 +181,7 @@ def qat_result(
         )
         for p, k in kernels.items()
     }
-    variables = with_kernels({**dict(q.variables), "params": state.params}, dequantized_kernels(q.layers, weights))
+    variables = with_weights({**dict(q.variables), "params": state.params}, q.layers, weights)
     quantized = QuantizedModel(
         q.model, q.layers, q.spec, variables, q.act_params, dict(q.apply_kwargs), {**q.weights, **weights}
     )

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from lampq_jax.apply.fake import QuantSpec, dequantized_kernels, with_kernels
+from lampq_jax.apply.fake import QuantSpec, with_weights
 from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.models.vit import ViT
@@ -206,7 +206,7 @@ def load_result(directory: str | os.PathLike, model: Optional[nn.Module] = None)
         attention_bits=allocation["attention_bits"],
         weight_grid=allocation["weight_grid"],
     )
-    variables = with_kernels(variables, dequantized_kernels(layers, weights))
+    variables = with_weights(variables, layers, weights)
     quantized = QuantizedModel(model, layers, spec, variables, act_params, dict(allocation["apply_kwargs"]), weights)
     rules = tuple((str(p), str(t)) for p, t in allocation.get("type_rules", []))  # absent in older saves
     return QuantizationResult(

@@ -8,7 +8,8 @@
                the softmax output on a log grid of base 2^(1/k) (`quant.traced.softmax_dynamic`)
 
 Weights are quantized once (`quantize_weights`: codes and grid, kept by `QuantizedModel.weights`;
-`fake_quantize_params`: their dequantized values) and the interceptor quantizes only activations. For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
+`fake_quantize_params`: their dequantized values) and the interceptor quantizes only activations.
+For training code, `quantized_apply(..., ste=True)` quantizes weights inside the
 forward with straight-through gradients, so `jax.grad` reaches the float weights.
 
 Example:
@@ -118,6 +119,14 @@ class QuantSpec:
         return sites
 
 
+def weight_grid(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], grid=None) -> UniformParams:
+    """A kernel's per-output-channel grid: the clipping that minimises ‖Q(W) − W‖² over `grid` (None: the
+    default ratios), broadcastable against the kernel; no gradient flows into it."""
+    kwargs = {} if grid is None else {"grid": grid}
+    axes = weight_reduce_axes(kernel.ndim, out_axes)
+    return search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
+
+
 @functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid"))
 def quantize_weight(
     kernel: jax.Array,
@@ -136,9 +145,7 @@ def quantize_weight(
     Otherwise they round to nearest. Jitted with the bits static: kernels of one shape (every block of a
     ViT) share one compilation.
     """
-    axes = weight_reduce_axes(kernel.ndim, out_axes)
-    kwargs = {} if grid is None else {"grid": grid}
-    params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
+    params = weight_grid(kernel, bits, out_axes, grid)
     if hessian is None:
         return quantize(kernel, params, bits), params
     n_in = kernel.ndim - len(out_axes)
@@ -172,10 +179,7 @@ def quantize_kernel(
     if ste:
         if hessian is not None:
             raise ValueError("GPTQ weights (hessian given) have no straight-through gradient; use RTN for training")
-        axes = weight_reduce_axes(kernel.ndim, out_axes)
-        kwargs = {} if grid is None else {"grid": grid}
-        params = search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
-        return fake_quant_ste(kernel, params, bits)
+        return fake_quant_ste(kernel, weight_grid(kernel, bits, out_axes, grid), bits)
     codes, params = quantize_weight(kernel, bits, out_axes, grid=grid, hessian=hessian)
     return dequantize(codes, params).astype(kernel.dtype)
 
@@ -202,10 +206,11 @@ def quantize_weights(
     return tensors
 
 
-def dequantized_kernels(layers: Sequence[Layer], tensors: Mapping[str, QuantizedTensor]) -> dict[str, jax.Array]:
-    """{path: kernel} of `tensors` in each layer's own layout and dtype (`QuantizedTensor.kernel`)."""
+def with_weights(variables: Any, layers: Sequence[Layer], tensors: Mapping[str, QuantizedTensor]) -> Any:
+    """`variables` with the kernel of every layer in `tensors` {path: QuantizedTensor} replaced by its
+    dequantized values, in the layer's own layout and dtype (`QuantizedTensor.kernel`)."""
     out_axes = {l.path: tuple(l.out_axes) for l in layers}
-    return {path: tensor.kernel(out_axes[path]) for path, tensor in tensors.items()}
+    return with_kernels(variables, {path: tensor.kernel(out_axes[path]) for path, tensor in tensors.items()})
 
 
 def layer_kernels(variables: Any, paths: Sequence[str]) -> dict[str, jax.Array]:

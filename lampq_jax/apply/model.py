@@ -12,9 +12,8 @@ from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.fake import (
     QuantSpec,
     activation_interceptor,
-    dequantized_kernels,
     quantize_weights,
-    with_kernels,
+    with_weights,
 )
 from lampq_jax.layers.discovery import Layer
 from lampq_jax.quant.qtensor import QuantizedTensor
@@ -92,7 +91,7 @@ class QuantizedModel:
         """Quantizes the kernels of `spec` once (GPTQ for the layers in `hessians`) and returns the model, whose
         variables hold the dequantized kernels."""
         weights = quantize_weights(variables, layers, spec, hessians=hessians)
-        qvars = with_kernels(variables, dequantized_kernels(layers, weights))
+        qvars = with_weights(variables, layers, weights)
         return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs), weights)
 
     def apply(self, *args: Any, **kwargs: Any) -> Any:
