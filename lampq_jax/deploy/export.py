@@ -41,6 +41,7 @@ from lampq_jax.apply.model import QuantizedModel
 from lampq_jax.quant.qtensor import (
     QuantizedTensor,
     container_bits,
+    kernel_matrix,
     kernel_permutation,
     load_qtensors,
     save_qtensors,
@@ -59,22 +60,6 @@ class ExportableResult(Protocol):
 
 
 EXPORT_FORMAT = "lampq_jax.export/1"
-
-
-def kernel_matrix(kernel: jax.typing.ArrayLike, out_axes: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
-    """A kernel as its [K, N] matrix (see the module docstring) and the permuted kernel shape.
-
-    Args:
-      kernel: [...] any layout; `out_axes` index its output channels.
-
-    Returns:
-      (matrix [K, N], shape of the kernel with the output axes moved last).
-    """
-    kernel = np.asarray(kernel)
-    perm = kernel_permutation(kernel.ndim, out_axes)
-    moved = np.transpose(kernel, perm)
-    n = math.prod(kernel.shape[a % kernel.ndim] for a in out_axes)
-    return moved.reshape(-1, n), tuple(moved.shape)
 
 
 def restore_kernel(tensor: QuantizedTensor, out_axes: Sequence[int], dtype: Any = None) -> jax.Array:

@@ -165,21 +165,11 @@ class QuantizedTensor:
         The tensor's `shape` is the kernel's with the output axes moved last (`kernel_permutation`);
         `kernel(out_axes)` gives back the kernel in its own layout.
         """
-        codes = jnp.asarray(codes)
-        perm = kernel_permutation(codes.ndim, out_axes)
-        moved = jnp.transpose(codes, perm)
-        n = math.prod(codes.shape[a % codes.ndim] for a in out_axes)
-        out = perm[codes.ndim - len(out_axes) :]
-        kept = [codes.shape[a] if a in out else 1 for a in range(codes.ndim)]
-        channels = [jnp.transpose(jnp.broadcast_to(jnp.asarray(v, jnp.float32), kept), perm) for v in grid]
-        return cls.from_codes(
-            moved.reshape(-1, n),
-            channels[0].reshape(-1),
-            channels[1].reshape(-1),
-            container_bits(bits),
-            shape=tuple(moved.shape),
-            dtype=dtype,
-        )
+        matrix, shape = kernel_matrix(codes, out_axes)
+        out = {a % len(shape) for a in out_axes}
+        kept = [d if a in out else 1 for a, d in enumerate(np.shape(codes))]
+        scale, zero_point = (kernel_matrix(np.broadcast_to(np.asarray(v, np.float32), kept), out_axes)[0] for v in grid)
+        return cls.from_codes(matrix, scale, zero_point, container_bits(bits), shape=shape, dtype=dtype)
 
     # ---- views ------------------------------------------------------------------------------
 
@@ -263,6 +253,23 @@ def kernel_permutation(ndim: int, out_axes: Sequence[int]) -> tuple[int, ...]:
     """Axis order that puts a kernel's contraction axes first and its output axes last (each in order)."""
     out = tuple(a % ndim for a in out_axes)
     return tuple(a for a in range(ndim) if a not in out) + out
+
+
+def kernel_matrix(kernel: jax.typing.ArrayLike, out_axes: Sequence[int]) -> tuple[np.ndarray, tuple[int, ...]]:
+    """A kernel as its [K, N] matrix (contraction axes first, output axes last, each in order) and the
+    permuted kernel shape.
+
+    Args:
+      kernel: [...] any layout; `out_axes` index its output channels.
+
+    Returns:
+      (matrix [K, N] on the host, shape of the kernel with the output axes moved last).
+    """
+    kernel = np.asarray(kernel)
+    perm = kernel_permutation(kernel.ndim, out_axes)
+    moved = np.transpose(kernel, perm)
+    n = math.prod(kernel.shape[a % kernel.ndim] for a in out_axes)
+    return moved.reshape(-1, n), tuple(moved.shape)
 
 
 def quantize_per_channel(
@@ -353,6 +360,7 @@ def load_qtensors(path: str | os.PathLike) -> dict[str, QuantizedTensor]:
 __all__ = [
     "QuantizedTensor",
     "container_bits",
+    "kernel_matrix",
     "kernel_permutation",
     "load_qtensors",
     "quantize_per_channel",
