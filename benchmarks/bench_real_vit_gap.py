@@ -18,11 +18,10 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_vit_ceiling import allocation_units, assignment_apply, cosines, prepared_dinov2  # noqa: E402
-from common import write_json, write_section  # noqa: E402
+from common import batched, write_json, write_section  # noqa: E402
 
 from lampq_jax.apply.static import static_module  # noqa: E402
 from lampq_jax.data.photos import EVALUATION_SOURCES  # noqa: E402
@@ -57,15 +56,14 @@ def main() -> None:
         fixed, allocated, _, _, _ = allocation_units(prep)
         sets = {}
         for name, images in (("calibration", calibration), ("held-out", evaluation)):
-            sets[name] = (images, np.concatenate([np.asarray(fp_apply(images[i : i + 16])) for i in (0, 16)]))
+            sets[name] = (images, batched(fp_apply, images, 16))
         for row in VARIANT_ROWS[variant]:
             by_type, attention = ROWS[row]
             bits = {**{l.path: by_type[l.type] for l in allocated}, **fixed}
             run = assignment_apply(static_model, prep, dq, bits, {p: attention for p in prep.attention})
             j = {}
             for name, (images, ref) in sets.items():
-                out = np.concatenate([np.asarray(run(images[i : i + 16])) for i in (0, 16)])
-                j[name] = 1 - cosines(out, ref)
+                j[name] = 1 - cosines(batched(run, images, 16), ref)
             sources = {
                 s: float(j["held-out"][k :: len(EVALUATION_SOURCES)].mean()) for k, s in enumerate(EVALUATION_SOURCES)
             }
