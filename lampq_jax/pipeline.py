@@ -30,7 +30,6 @@ from lampq_jax.apply import (
     check_images,
     find_attention_paths,
 )
-from lampq_jax.apply.fake import quant_point
 from lampq_jax.apply.calibration import (
     ActivationParams,
     attention_minmax_sites,
@@ -60,7 +59,6 @@ from lampq_jax.sensitivity import FisherTraces, fisher_traces
 from lampq_jax.sensitivity.probes import probe_alpha
 from lampq_jax.sensitivity.vtptq import vtptq_metric
 from lampq_jax.sensitivity.metric import (
-    activation_errors,
     predicted_increase,
     random_costs,
     weight_errors,
@@ -436,10 +434,16 @@ class _LampQRun:
     apply_kwargs: dict[str, Any]
     timer: _Timer
     bar: Any  # the tqdm bar of the stages
-    measure: Any  # (layer bits, attention bits) → J(model quantized so) − J_fp on the calibration images
+    quantizer: DynamicQuantizer  # the model under any assignment, its quantized kernels cached
+    outputs: Any  # (layer bits, attention bits) → the model's outputs on the calibration images, quantized so
+    gap: Any  # outputs → J(outputs) − J_fp
     j_fp: float
     budget: float
     objective_name: str
+
+    def measure(self, bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
+        """J(model quantized with `bits` and `attention` bits) − J_fp on the calibration images."""
+        return self.gap(self.outputs(bits, attention))
 
 
 def _lampq_run(
@@ -501,8 +505,10 @@ def _lampq_run(
     )
     label_array = None if labels is None else jnp.asarray(labels)
 
-    def measure(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
-        outs = jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
+    def outputs(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> jax.Array:
+        return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
+
+    def gap(outs: jax.Array) -> float:
         return float(objective_fn(outs, prep.fp_outputs, label_array)) - j_fp
 
     j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
@@ -520,7 +526,9 @@ def _lampq_run(
         apply_kwargs=dict(apply_kwargs),
         timer=timer,
         bar=bar,
-        measure=measure,
+        quantizer=dq,
+        outputs=outputs,
+        gap=gap,
         j_fp=j_fp,
         budget=budget,
         objective_name=objective_name(objective, labels_given=labels is not None, output=config.output),
@@ -579,6 +587,9 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
             rng=run.rng,
             batch_size=config.batch_size,
             output=config.output,
+            outputs=run.prep.fp_outputs,
+            act_params=run.prep.act_params,
+            candidates=cands,
             mesh=run.mesh,
             **run.apply_kwargs,
         )
@@ -586,10 +597,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
     bar.set_postfix_str("quantization errors")
     with timer("metric"):
         w_err = weight_errors(variables, layers, cands)
-        a_err = activation_errors(
-            run.model, variables, images, layers, run.prep.act_params, cands, mesh=run.mesh, **run.apply_kwargs
-        )
-        w_term, a_term = predicted_increase(fisher, layers, w_err, a_err)
+        w_term, a_term = predicted_increase(fisher, layers, w_err, _input_errors(fisher, layers))
     bar.update()
     bar.set_postfix_str("single-layer probes")
     with timer("probe"):
@@ -608,6 +616,11 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         spearman=spearman_figures,
         unit_keys=unit_keys,
     )
+
+
+def _input_errors(fisher: FisherTraces, layers: Sequence[Layer]) -> np.ndarray:
+    """[layers, candidates] the activation errors that the Fisher pass measured beside the traces."""
+    return np.stack([fisher.input_errors[l.path] for l in layers])
 
 
 def _round_entry(
@@ -640,7 +653,8 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
         solution = solve(omega_w, omega_a)
     assignment = assignment_of(items, layers, solution.choice)
     with timer("evaluate"):
-        j_value = run.measure({**assignment, **run.fixed_bits}, run.attention_bits)
+        outputs = run.outputs({**assignment, **run.fixed_bits}, run.attention_bits)
+        j_value = run.gap(outputs)
     history = [
         _round_entry(
             0, assignment, omega_w, omega_a, cands, layers, j_value, solution, ilp_seconds=solution.solve_seconds
@@ -651,9 +665,8 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
     for k in range(1, config.iterations + 1):
         run.bar.set_postfix_str(f"iteration {k}")
         start = time.perf_counter()
-        spec = QuantSpec.build(prep.layers, {**assignment, **run.fixed_bits}, attention_bits=run.attention_bits)
         with timer("iterations"):
-            point = quant_point(prep.variables, prep.layers, spec, prep.act_params, hessians=prep.hessians)
+            point = run.quantizer.point({**assignment, **run.fixed_bits}, run.attention_bits)
             fisher_k = fisher_traces(
                 run.model,
                 prep.variables,
@@ -664,26 +677,19 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
                 batch_size=config.batch_size,
                 output=config.output,
                 quant=point,
+                outputs=outputs,
+                act_params=prep.act_params,
+                candidates=cands,
                 mesh=run.mesh,
                 **run.apply_kwargs,
             )
-            a_err_k = activation_errors(
-                run.model,
-                prep.variables,
-                prep.images,
-                layers,
-                prep.act_params,
-                cands,
-                quant=point,
-                mesh=run.mesh,
-                **run.apply_kwargs,
-            )
-            new_w, new_a = predicted_increase(fisher_k, layers, sens.w_err, a_err_k)
+            new_w, new_a = predicted_increase(fisher_k, layers, sens.w_err, _input_errors(fisher_k, layers))
             omega_w = config.damping * omega_w + (1 - config.damping) * sens.layer_alpha * new_w
             omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
             solution = solve(omega_w, omega_a)
             new_assignment = assignment_of(items, layers, solution.choice)
-            j_value = run.measure({**new_assignment, **run.fixed_bits}, run.attention_bits)
+            outputs = run.outputs({**new_assignment, **run.fixed_bits}, run.attention_bits)
+            j_value = run.gap(outputs)
         history.append(
             _round_entry(
                 k,

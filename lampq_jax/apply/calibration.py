@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Iterable, Mapping, Optional, Union
+from typing import Any, Iterable, Mapping, Optional, Sequence, Union
 
 import flax.linen as nn
 import jax
@@ -43,7 +43,7 @@ from jax.sharding import Mesh
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh, shard_batch
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
-from lampq_jax.quant import MAX_BITS, MIN_BITS, minmax_params, search_clipping_params
+from lampq_jax.quant import MAX_BITS, MIN_BITS, UniformParams, fake_quant, minmax_params, search_clipping_params
 from lampq_jax.quant.clipping import DEFAULT_CLIP_RATIOS
 from lampq_jax.quant.uniform import fake_quant_levels, range_params
 
@@ -79,6 +79,14 @@ def check_images(images: Any, name: str = "calibration images") -> np.ndarray:
             f"{name} contain {int(bad.sum())} NaN/Inf value(s), first at index {tuple(int(i) for i in first)}"
         )
     return array
+
+
+def input_errors(x: jax.Array, table: jax.Array, candidates: Sequence[int]) -> jax.Array:
+    """[batch, candidates] ‖Q_b(x_n) − x_n‖² of each sample x_n of `x` [batch, ...] at each candidate b, with
+    its site's calibrated `table` [MAX_BITS + 1, 2, ...] (scale, zero point by bits); summed in float32."""
+    per_sample = lambda e: jnp.sum(e.astype(jnp.float32), axis=tuple(range(1, e.ndim)))
+    quantized = lambda b: fake_quant(x, UniformParams(table[b, 0], table[b, 1]), b)
+    return jnp.stack([per_sample(jnp.square(quantized(b) - x)) for b in candidates], axis=-1)
 
 
 def batches(images: np.ndarray, batch_size: int, mesh: Optional[Mesh] = None) -> Iterable[Any]:

@@ -21,7 +21,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import ActivationParams
-from lampq_jax.apply.fake import quantize_kernel
+from lampq_jax.apply.fake import QuantPoint, QuantSpec, quantize_kernel
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
 from lampq_jax.quant.traced import fake_quant_dynamic, softmax_dynamic
@@ -136,6 +136,18 @@ class DynamicQuantizer:
         for path, bits in weight_bits.items():
             flat[f"{path}/kernel"] = self.kernel(path, bits)
         return unflatten_dict(flat, sep="/")
+
+    def point(
+        self, bits: Mapping[str, tuple[int, int]], attention_bits: Optional[Mapping[str, int]] = None
+    ) -> QuantPoint:
+        """The `QuantPoint` of `bits` {path: (weight bits, act bits)}, its kernels from the cache.
+
+        The same point as `quant_point(variables, layers, spec, act_params, hessians=hessians)`, without
+        quantizing again the kernels that an earlier `apply` already did.
+        """
+        spec = QuantSpec.build(self.layers, bits, attention_bits=attention_bits, weight_grid=self.weight_grid)
+        params = self.params({path: wb for path, wb, _ in spec.layers})
+        return QuantPoint(spec, self.act_params, {**dict(self.variables), "params": params})
 
     def apply(
         self,

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lampq_jax.apply.calibration import check_images
+from lampq_jax.apply.calibration import ActivationParams, check_images, input_errors
 from lampq_jax.apply.data_parallel import (
     batch_spec,
     is_parallel,
@@ -55,11 +55,14 @@ class FisherTraces:
       weight: {path: tr(F^W_i)}.
       activation: {path: tr(F^A_i)}.
       num_samples: N.
+      input_errors: {path: [candidates] mean_n ‖Q_b(A_{i,n}) − A_{i,n}‖²}, measured in the same forward when
+        `fisher_traces` is given the activation quantizers and candidates (None otherwise).
     """
 
     weight: dict[str, float]
     activation: dict[str, float]
     num_samples: int
+    input_errors: Optional[dict[str, np.ndarray]] = None
 
 
 def categorical_log_likelihood(logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -93,7 +96,8 @@ def _adder(perturbations: dict[str, jax.Array]):
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh", "num_samples")
+    jax.jit,
+    static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh", "num_samples", "candidates"),
 )
 def _fisher_pass(
     variables,
@@ -102,6 +106,7 @@ def _fisher_pass(
     images,
     targets,
     state: DynamicBits,
+    tables,
     *,
     model,
     kwargs,
@@ -110,25 +115,37 @@ def _fisher_pass(
     quantized,
     mesh,
     num_samples,
+    candidates,
 ):
-    """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) of the first `num_samples`
-    samples; with a `mesh` of several devices each maps its own slice of the samples (`shard_map`)."""
+    """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) and input errors ({path:
+    [n, candidates]} of the sites in `tables`) of the first `num_samples` samples; with a `mesh` of several
+    devices each maps its own slice of the samples (`shard_map`)."""
 
     def forward(kernels, perturbations, x):
+        errors, add = {}, _adder(perturbations)
+
+        def on_input(site, value):
+            if site in tables:
+                errors[site] = input_errors(jax.lax.stop_gradient(value), tables[site], candidates)[0]
+            return add(site, value)
+
         if quantized:
-            interceptor = dynamic_interceptor(state, ste=True, on_input=_adder(perturbations))
+            interceptor = dynamic_interceptor(state, ste=True, on_input=on_input)
         else:
-            interceptor = site_interceptor(
-                _adder(perturbations), layer_paths=frozenset(perturbations), attention_paths=frozenset()
-            )
+            interceptor = site_interceptor(on_input, layer_paths=frozenset(perturbations), attention_paths=frozenset())
         with nn.intercept_methods(interceptor):
-            return model.apply(with_kernels(variables, kernels), x, **dict(kwargs))
+            return model.apply(with_kernels(variables, kernels), x, **dict(kwargs)), errors
 
     def per_sample(sample):
         x, y = sample
-        g_w, g_a = jax.grad(lambda k, p: likelihood(forward(k, p, x[None]), y), argnums=(0, 1))(kernels, zeros)
+
+        def log_likelihood(k, p):
+            output, errors = forward(k, p, x[None])
+            return likelihood(output, y), errors
+
+        (g_w, g_a), errors = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(kernels, zeros)
         sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
-        return sq(g_w), sq(g_a)
+        return sq(g_w), sq(g_a), errors
 
     def squared_norms(images, targets):  # {path: [n]} per sample, for the samples given
         return jax.lax.map(per_sample, (images, targets), batch_size=min(batch_size, images.shape[0]))
@@ -136,8 +153,8 @@ def _fisher_pass(
     if is_parallel(mesh):
         spec = batch_spec(mesh)
         squared_norms = shard_map_compat(squared_norms, mesh, in_specs=(spec, spec), out_specs=spec)
-    w, a = squared_norms(images, targets)
-    return {p: v[:num_samples] for p, v in w.items()}, {p: v[:num_samples] for p, v in a.items()}
+    first = lambda tree: {p: v[:num_samples] for p, v in tree.items()}
+    return tuple(first(tree) for tree in squared_norms(images, targets))
 
 
 def fisher_traces(
@@ -152,6 +169,9 @@ def fisher_traces(
     output: str = "logits",
     log_likelihood: Optional[LogLikelihood] = None,
     quant: Optional[QuantPoint] = None,
+    outputs: Optional[Any] = None,
+    act_params: Optional[ActivationParams] = None,
+    candidates: Sequence[int] = (),
     mesh: Optional[Mesh] = None,
     **apply_kwargs: Any,
 ) -> FisherTraces:
@@ -168,6 +188,10 @@ def fisher_traces(
       log_likelihood: `fn(output [1, ...], target) -> scalar`, replacing the built-in likelihoods.
       quant: a `QuantPoint` to measure at the quantized point (weights and activations
         fake-quantized, straight-through gradients), as the iterative updates need.
+      outputs: the model's outputs on `images` at this point (full precision, or `quant`), when the caller
+        has them: the true Fisher's targets are drawn around them instead of running the model again.
+      act_params, candidates: with both, the same forward also measures each layer's input errors at every
+        candidate (`FisherTraces.input_errors`, as `metric.activation_errors` does in a pass of its own).
       mesh: the devices the samples are split over (None: all devices); each maps its own samples, with
         copies of the last sample as padding up to a multiple of the device count (left out of the mean).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
@@ -190,6 +214,13 @@ def fisher_traces(
     else:
         state = DynamicBits({}, {}, {})
     kernels = layer_kernels(variables, paths)
+    if bool(candidates) != (act_params is not None):
+        raise ValueError(f"input errors need both act_params and candidates; got candidates={tuple(candidates)}")
+    candidates = tuple(int(b) for b in candidates)
+    missing = [p for p in paths if candidates and p not in act_params]
+    if missing:
+        raise ValueError(f"no calibrated activation range for layer(s) {missing[:5]}")
+    tables = {p: np.asarray(act_params[p]) for p in paths} if candidates else {}
     zeros = {l.path: jnp.zeros((1,) + tuple(l.input_shape[1:]), jnp.float32) for l in layers}
     kwargs = tuple(sorted(apply_kwargs.items()))
     variables, kernels, zeros, state = replicate((variables, kernels, zeros, state), mesh)
@@ -201,12 +232,17 @@ def fisher_traces(
     else:
         if rng is None:
             raise ValueError("the true Fisher (labels=None) needs rng, a jax.random key")
-        outputs = dynamic_apply(variables, state, shard_batch(images, mesh), model=static_module(model), kwargs=kwargs)
-        targets = np.asarray(sample_targets(outputs, rng, output))
+        if outputs is None:
+            outputs = dynamic_apply(
+                variables, state, shard_batch(images, mesh), model=static_module(model), kwargs=kwargs
+            )
+        elif outputs.shape[0] != num_samples:
+            raise ValueError(f"outputs have {outputs.shape[0]} rows for {num_samples} images")
+        targets = np.asarray(sample_targets(jnp.asarray(outputs), rng, output))
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
     if is_parallel(mesh):
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
-    weight, activation = jax.device_get(
+    weight, activation, errors = jax.device_get(
         _fisher_pass(
             variables,
             kernels,
@@ -214,6 +250,7 @@ def fisher_traces(
             shard_batch(images, mesh),
             shard_batch(targets, mesh),
             state,
+            replicate(tables, mesh),
             model=static_module(model),
             kwargs=kwargs,
             batch_size=min(batch_size, num_samples),
@@ -221,6 +258,7 @@ def fisher_traces(
             quantized=quant is not None,
             mesh=mesh if is_parallel(mesh) else None,
             num_samples=num_samples,
+            candidates=candidates,
         )
     )
     # The means over samples are taken here in float64, so that they do not depend on how samples were split.
@@ -228,4 +266,5 @@ def fisher_traces(
         weight={p: float(np.mean(np.asarray(weight[p], np.float64))) for p in paths},
         activation={p: float(np.mean(np.asarray(activation[p], np.float64))) for p in paths},
         num_samples=num_samples,
+        input_errors={p: np.mean(np.asarray(errors[p], np.float64), axis=0) for p in paths} if candidates else None,
     )

@@ -18,15 +18,14 @@ from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from lampq_jax.apply.calibration import ActivationParams, per_batch
+from lampq_jax.apply.calibration import ActivationParams, input_errors, per_batch
 from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels
 from lampq_jax.layers.discovery import Layer
-from lampq_jax.quant import UniformParams, fake_quant, quant_errors, weight_reduce_axes
+from lampq_jax.quant import quant_errors, weight_reduce_axes
 from lampq_jax.sensitivity.fisher import FisherTraces
 
 TYPE_ALPHA_MODES = ("probe", "mean", "none")
@@ -50,12 +49,7 @@ def _batch_activation_errors(variables, tables, state: DynamicBits, batch, *, mo
 
     def record(site, x):
         if site in paths:
-            per_image = lambda e: jnp.sum(e.astype(jnp.float32), axis=tuple(range(1, e.ndim)))
-            errs = [
-                per_image(jnp.square(fake_quant(x, UniformParams(tables[site][b, 0], tables[site][b, 1]), b) - x))
-                for b in candidates
-            ]
-            found[site] = jnp.stack(errs, axis=-1)
+            found[site] = input_errors(x, tables[site], candidates)
         return x
 
     with nn.intercept_methods(dynamic_interceptor(state, on_input=record)):

@@ -7,8 +7,11 @@ from flax.traverse_util import flatten_dict
 
 from lampq_jax import find_layers
 from lampq_jax.apply import QuantSpec, calibrate_activations, find_attention_paths
+from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits
 from lampq_jax.apply.fake import quant_point
+from lampq_jax.apply.static import static_module
 from lampq_jax.sensitivity import fisher_traces
+from lampq_jax.sensitivity.metric import activation_errors
 
 MID = "Transformer/encoderblock_1/MlpBlock_0/Dense_0"
 
@@ -127,3 +130,51 @@ def test_fisher_at_a_quantized_point(setup):
     assert all(np.isfinite(v) and v > 0 for v in q.weight.values())
     rel = [abs(q.weight[p] - fp.weight[p]) / fp.weight[p] for p in fp.weight]
     assert max(rel) > 0.01  # the quantized point has its own sensitivities
+
+
+def test_given_outputs_replace_the_targets_forward(setup):
+    model, variables, images, _, layers = setup
+    attention = find_attention_paths(model, variables, images[:1])
+    act_params = calibrate_activations(model, variables, images)
+    spec = QuantSpec.build(layers, {l.path: (4, 4) for l in layers}, attention_bits={a: 4 for a in attention})
+    point = quant_point(variables, layers, spec, act_params)
+    for quant in (None, point):
+        outputs = dynamic_apply(
+            variables if quant is None else quant.variables,
+            DynamicBits({}, {}, {})
+            if quant is None
+            else dynamic_bits(act_params, attention, spec.bits, dict(spec.attention)),
+            images,
+            model=static_module(model),
+            kwargs=(),
+        )
+        run = lambda **kw: fisher_traces(
+            model, variables, images, layers, rng=jax.random.key(0), batch_size=6, quant=quant, **kw
+        )
+        own, given = run(), run(outputs=outputs)
+        assert own.weight == given.weight and own.activation == given.activation
+        shifted = run(outputs=outputs[::-1])  # the targets are drawn from the given outputs
+        assert shifted.weight != own.weight
+    with pytest.raises(ValueError, match="outputs have 2 rows for 6 images"):
+        run(outputs=outputs[:2])
+
+
+def test_input_errors_from_the_fisher_pass_equal_their_own_pass(setup):
+    model, variables, images, labels, layers = setup
+    attention = find_attention_paths(model, variables, images[:1])
+    act_params = calibrate_activations(model, variables, images)
+    spec = QuantSpec.build(layers, {l.path: (3, 3) for l in layers}, attention_bits={a: 4 for a in attention})
+    point = quant_point(variables, layers, spec, act_params)
+    candidates = (2, 4, 8)
+    for quant in (None, point):
+        common = dict(quant=quant, batch_size=4)
+        fused = fisher_traces(
+            model, variables, images, layers, labels=labels, act_params=act_params, candidates=candidates, **common
+        )
+        alone = activation_errors(model, variables, images, layers, act_params, candidates, quant=quant)
+        np.testing.assert_allclose(np.stack([fused.input_errors[l.path] for l in layers]), alone, rtol=1e-5)
+        assert fused.weight == fisher_traces(model, variables, images, layers, labels=labels, **common).weight
+    with pytest.raises(ValueError, match="need both act_params and candidates"):
+        fisher_traces(model, variables, images, layers, labels=labels, candidates=candidates)
+    with pytest.raises(ValueError, match="no calibrated activation range"):
+        fisher_traces(model, variables, images, layers, labels=labels, act_params={}, candidates=candidates)
