@@ -25,6 +25,15 @@ def setup(tiny_setup):
     return model, variables, images, labels, layers
 
 
+def quantized_point(setup, bits):
+    """(attention paths, activation quantizers, spec, QuantPoint) of every layer at W`bits`A`bits`, attention at 4."""
+    model, variables, images, _, layers = setup
+    attention = find_attention_paths(model, variables, images[:1])
+    act_params = calibrate_activations(model, variables, images)
+    spec = QuantSpec.build(layers, {l.path: (bits, bits) for l in layers}, attention_bits={a: 4 for a in attention})
+    return attention, act_params, spec, quant_point(variables, layers, spec, act_params)
+
+
 def loop_traces(model, variables, images, labels, layers):
     """Independent reference: one jax.grad per sample, squared norms of the kernel gradients."""
 
@@ -121,10 +130,7 @@ def test_features_and_custom_likelihood(setup):
 
 def test_fisher_at_a_quantized_point(setup):
     model, variables, images, labels, layers = setup
-    attention = find_attention_paths(model, variables, images[:1])
-    act_params = calibrate_activations(model, variables, images)
-    spec = QuantSpec.build(layers, {l.path: (3, 3) for l in layers}, attention_bits={a: 4 for a in attention})
-    point = quant_point(variables, layers, spec, act_params)
+    attention, act_params, spec, point = quantized_point(setup, 3)
     fp = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6)
     q = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6, quant=point)
     assert all(np.isfinite(v) and v > 0 for v in q.weight.values())
@@ -134,10 +140,7 @@ def test_fisher_at_a_quantized_point(setup):
 
 def test_given_outputs_replace_the_targets_forward(setup):
     model, variables, images, _, layers = setup
-    attention = find_attention_paths(model, variables, images[:1])
-    act_params = calibrate_activations(model, variables, images)
-    spec = QuantSpec.build(layers, {l.path: (4, 4) for l in layers}, attention_bits={a: 4 for a in attention})
-    point = quant_point(variables, layers, spec, act_params)
+    attention, act_params, spec, point = quantized_point(setup, 4)
     for quant in (None, point):
         outputs = dynamic_apply(
             variables if quant is None else quant.variables,
@@ -161,10 +164,7 @@ def test_given_outputs_replace_the_targets_forward(setup):
 
 def test_input_errors_from_the_fisher_pass_equal_their_own_pass(setup):
     model, variables, images, labels, layers = setup
-    attention = find_attention_paths(model, variables, images[:1])
-    act_params = calibrate_activations(model, variables, images)
-    spec = QuantSpec.build(layers, {l.path: (3, 3) for l in layers}, attention_bits={a: 4 for a in attention})
-    point = quant_point(variables, layers, spec, act_params)
+    attention, act_params, spec, point = quantized_point(setup, 3)
     candidates = (2, 4, 8)
     for quant in (None, point):
         common = dict(quant=quant, batch_size=4)
