@@ -336,11 +336,13 @@ def _finish(
     timer,
     apply_kwargs,
     synthetic_images=None,
+    quantizer: Optional[DynamicQuantizer] = None,
 ):
     spec = QuantSpec.build(prep.layers, layer_bits, attention_bits=attention_bits)
     with timer("quantize_weights"):
+        weights = None if quantizer is None else quantizer.weights({p: wb for p, wb, _ in spec.layers})
         quantized = QuantizedModel.create(
-            model, variables, prep.layers, spec, prep.act_params, apply_kwargs, hessians=prep.hessians
+            model, variables, prep.layers, spec, prep.act_params, apply_kwargs, hessians=prep.hessians, weights=weights
         )
     allocated = [l.path for l in prep.layers if l.type not in fixed_types] or None
     report = {"method": method, **extra, **size_report(prep.layers, layer_bits, variables, allocated)}
@@ -782,6 +784,7 @@ def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, 
         run.timer,
         run.apply_kwargs,
         synthetic,
+        quantizer=run.quantizer,
     )
 
 

@@ -21,11 +21,12 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import ActivationParams
-from lampq_jax.apply.fake import QuantPoint, QuantSpec, quantize_kernel
+from lampq_jax.apply.fake import QuantPoint, QuantSpec, quantize_layer
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
 from lampq_jax.quant.traced import fake_quant_dynamic, softmax_dynamic
 from lampq_jax.layers.discovery import Layer
+from lampq_jax.quant.qtensor import QuantizedTensor
 
 
 class DynamicBits(NamedTuple):
@@ -104,7 +105,7 @@ class DynamicQuantizer:
     apply_kwargs: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_grid: Optional[tuple[float, ...]] = None
     hessians: Optional[Mapping[str, Any]] = None
-    _kernels: dict[tuple[str, int], jax.Array] = dataclasses.field(default_factory=dict, repr=False)
+    _tensors: dict[tuple[str, int], QuantizedTensor] = dataclasses.field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         self._flat = flatten_dict(dict(self.variables)["params"], sep="/")
@@ -112,23 +113,26 @@ class DynamicQuantizer:
         self._kwargs = tuple(sorted(self.apply_kwargs.items()))
         self._static_model = static_module(self.model)
 
-    def kernel(self, path: str, bits: int) -> jax.Array:
-        """The kernel of layer `path` fake-quantized at `bits` (0: full precision), cached."""
+    def tensor(self, path: str, bits: int) -> QuantizedTensor:
+        """The packed codes and grid of layer `path`'s kernel at `bits` (`quantize_layer`), cached."""
         key = (path, int(bits))
-        if key not in self._kernels:
-            kernel = self._flat[f"{path}/kernel"]
-            self._kernels[key] = (
-                kernel
-                if bits == 0
-                else quantize_kernel(
-                    kernel,
-                    int(bits),
-                    self._out_axes[path],
-                    grid=self.weight_grid,
-                    hessian=(self.hessians or {}).get(path),
-                )
+        if key not in self._tensors:
+            self._tensors[key] = quantize_layer(
+                self._flat[f"{path}/kernel"],
+                int(bits),
+                self._out_axes[path],
+                grid=self.weight_grid,
+                hessian=(self.hessians or {}).get(path),
             )
-        return self._kernels[key]
+        return self._tensors[key]
+
+    def kernel(self, path: str, bits: int) -> jax.Array:
+        """The kernel of layer `path` fake-quantized at `bits` (0: full precision), from the cached codes."""
+        return self._flat[f"{path}/kernel"] if bits == 0 else self.tensor(path, bits).kernel(self._out_axes[path])
+
+    def weights(self, weight_bits: Mapping[str, int]) -> dict[str, QuantizedTensor]:
+        """{path: QuantizedTensor} of `weight_bits` {path: bits ≥ 2}, as `quantize_weights` makes them."""
+        return {path: self.tensor(path, bits) for path, bits in weight_bits.items()}
 
     def params(self, weight_bits: Mapping[str, int]) -> Any:
         """Params with the kernels of `weight_bits` {path: bits} quantized (others full precision)."""

@@ -198,12 +198,24 @@ def quantize_weights(
     out_axes = {l.path: tuple(l.out_axes) for l in layers}
     hessians = hessians or {}
     kernels = layer_kernels(variables, [path for path, _, _ in spec.layers])
-    tensors = {}
-    for path, wb, _ in spec.layers:
-        kernel = kernels[path]
-        codes, grid = quantize_weight(kernel, wb, out_axes[path], grid=spec.weight_grid, hessian=hessians.get(path))
-        tensors[path] = QuantizedTensor.from_kernel(codes, grid, wb, out_axes[path], dtype=kernel.dtype)
-    return tensors
+    return {
+        path: quantize_layer(kernels[path], wb, out_axes[path], grid=spec.weight_grid, hessian=hessians.get(path))
+        for path, wb, _ in spec.layers
+    }
+
+
+def quantize_layer(
+    kernel: jax.Array,
+    bits: int,
+    out_axes: tuple[int, ...],
+    *,
+    grid=None,
+    hessian: Optional[jax.Array] = None,
+) -> QuantizedTensor:
+    """One kernel's `quantize_weight` codes and grid, packed (`QuantizedTensor.from_kernel`); its `kernel(out_axes)`
+    equals `quantize_kernel(kernel, bits, out_axes, grid=grid, hessian=hessian)`."""
+    codes, params = quantize_weight(kernel, bits, out_axes, grid=grid, hessian=hessian)
+    return QuantizedTensor.from_kernel(codes, params, bits, out_axes, dtype=kernel.dtype)
 
 
 def with_weights(variables: Any, layers: Sequence[Layer], tensors: Mapping[str, QuantizedTensor]) -> Any:

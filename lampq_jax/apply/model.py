@@ -16,7 +16,7 @@ from lampq_jax.apply.fake import (
     with_weights,
 )
 from lampq_jax.layers.discovery import Layer
-from lampq_jax.quant.qtensor import QuantizedTensor
+from lampq_jax.quant.qtensor import QuantizedTensor, container_bits
 
 
 def freeze_apply_kwargs(kwargs: dict[str, Any]) -> tuple:
@@ -87,10 +87,20 @@ class QuantizedModel:
         apply_kwargs: dict[str, Any],
         *,
         hessians: Optional[Mapping[str, Any]] = None,
+        weights: Optional[Mapping[str, QuantizedTensor]] = None,
     ) -> "QuantizedModel":
         """Quantizes the kernels of `spec` once (GPTQ for the layers in `hessians`) and returns the model, whose
-        variables hold the dequantized kernels."""
-        weights = quantize_weights(variables, layers, spec, hessians=hessians)
+        variables hold the dequantized kernels. `weights` {path: QuantizedTensor}: the codes of `spec`'s layers,
+        already made as `quantize_weights` makes them (`DynamicQuantizer.weights`), instead of quantizing again.
+
+        Raises:
+          ValueError: `weights` that do not cover `spec`'s layers at their bits, named.
+        """
+        if weights is None:
+            weights = quantize_weights(variables, layers, spec, hessians=hessians)
+        wrong = [p for p, wb, _ in spec.layers if p not in weights or weights[p].bits != container_bits(wb)]
+        if wrong or set(weights) - {p for p, _, _ in spec.layers}:
+            raise ValueError(f"weights do not match the spec's layers and bits: {(wrong or sorted(weights))[:5]}")
         qvars = with_weights(variables, layers, weights)
         return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs), weights)
 
