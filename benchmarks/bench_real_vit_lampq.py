@@ -7,7 +7,8 @@ optimizes, so the gap between the two shows over-fitting). Budgets are average w
 allocated layers, W/A bits tied, embed / head at 8, attention matmul inputs at the budget rounded.
 
 Methods: uniform, LampQ (defaults: α = probe at the lowest candidate, the uniform assignment kept when it
-measures better), LampQ's own allocation (`keep_uniform=False`), LampQ with α = layer (every unit
+measures better), LampQ's own allocation (`keep_uniform=False`), a cheaper LampQ (`lampq_fast`: P = 2 probes
+per type and K = 1 iteration instead of 4 and 3, the uniform fallback kept), LampQ with α = layer (every unit
 probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.alpha_by_unit`),
 HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, LampQ without I3.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
@@ -36,7 +37,7 @@ from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
 from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
-METHODS = ("uniform", "lampq", "lampq_own", "lampq_layer", "hawq", "vtptq", "random", "no_i3")
+METHODS = ("uniform", "lampq", "lampq_own", "lampq_fast", "lampq_layer", "hawq", "vtptq", "random", "no_i3")
 STAGE_ORDER = (
     "discovery",
     "calibration",
@@ -56,6 +57,8 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
     if name == "lampq_layer":
         probe = max(2, min(layer_probe_bits, math.floor(budget) - 1))
         return dataclasses.replace(base, alpha="layer", probe_bits=probe)
+    if name == "lampq_fast":
+        return dataclasses.replace(base, probes=2, iterations=1)
     if name == "lampq_own":
         return dataclasses.replace(base, keep_uniform=False)
     return lampq_jax.baseline_config(name, base)
@@ -92,6 +95,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--layer-probe-bits", type=int, default=3)
+    parser.add_argument("--section", default="bench_real_vit_lampq", help="RESULTS.md section (and results json)")
     args = parser.parse_args()
     start_all = time.perf_counter()
     model, variables = load_dinov2_s14()
@@ -124,7 +128,7 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(row, flush=True)
-                write_json("real_vit_lampq.json", {"rows": rows, "complete": False})
+                write_json(f"{args.section.removeprefix('bench_')}.json", {"rows": rows, "complete": False})
 
     def stat(budget, name, key):
         values = [r[key] for r in rows if r["budget"] == budget and r["method"] == name]
@@ -184,8 +188,8 @@ def main() -> None:
         + "\n".join(stage_lines)
         + f"\n\nWhole run: {total:.0f} s."
     )
-    write_section("bench_real_vit_lampq", body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
-    write_json("real_vit_lampq.json", {"rows": rows, "seconds": total, "complete": True})
+    write_section(args.section, body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
+    write_json(f"{args.section.removeprefix('bench_')}.json", {"rows": rows, "seconds": total, "complete": True})
 
 
 if __name__ == "__main__":
