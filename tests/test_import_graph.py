@@ -90,7 +90,7 @@ def test_graph_reads_real_imports():
     graph = import_graph()
     assert "lampq_jax.pipeline" in graph and "lampq_jax.quant.uniform" in graph
     assert "lampq_jax.allocation" in graph["lampq_jax.pipeline"]
-    assert "lampq_jax.apply.fake" in graph["lampq_jax.pipeline"]
+    assert "lampq_jax.apply.dynamic" in graph["lampq_jax.pipeline"]
     assert "lampq_jax.apply" in graph["lampq_jax.pipeline"]  # the package runs first
 
 
