@@ -99,8 +99,9 @@ class QuantizedModel:
         if weights is None:
             weights = quantize_weights(variables, layers, spec, hessians=hessians)
         wrong = [p for p, wb, _ in spec.layers if p not in weights or weights[p].bits != container_bits(wb)]
-        if wrong or set(weights) - {p for p, _, _ in spec.layers}:
-            raise ValueError(f"weights do not match the spec's layers and bits: {(wrong or sorted(weights))[:5]}")
+        wrong += sorted(set(weights) - {p for p, _, _ in spec.layers})  # layers the spec does not quantize
+        if wrong:
+            raise ValueError(f"weights do not match the spec's layers and bits: {wrong[:5]}")
         qvars = with_weights(variables, layers, weights)
         return cls(model, tuple(layers), spec, qvars, act_params, dict(apply_kwargs), weights)
 
