@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
+from lampq_jax.apply.compiled import compiled
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh, shard_batch
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
@@ -117,16 +118,16 @@ def per_batch(
 ) -> Iterable[Any]:
     """Host copies of `batch_fn(*args, batch, model=, kwargs=, **static)`, one per batch of `images`.
 
-    `batch_fn` is a jitted one-batch pass with `model` (made hashable by `static_module`) and `kwargs` (the
-    sorted `apply_kwargs`) static. With `split`, `args` are replicated and each batch is split over `mesh`
+    `batch_fn` is a one-batch pass, jitted here by `compiled` with `model` (made hashable by `static_module`),
+    `kwargs` (the sorted `apply_kwargs`) and `static` fixed. With `split`, `args` are replicated and each batch is split over `mesh`
     (None: all devices; `data_parallel`); without, everything stays on one device.
     """
     if split:
         mesh = resolve_mesh(mesh)
         args = replicate(tuple(args), mesh)
-    static_model, kwargs = static_module(model), tuple(sorted(dict(apply_kwargs).items()))
+    run = compiled(batch_fn, static_module(model), tuple(sorted(dict(apply_kwargs).items())), **static)
     for batch in batches(images, batch_size, mesh if split else None):
-        yield jax.device_get(batch_fn(*args, batch, model=static_model, kwargs=kwargs, **static))
+        yield jax.device_get(run(*args, batch))
 
 
 def intercepted_apply(model, variables, batch, kwargs, on_site, *, layer_paths, attention_paths) -> Any:
@@ -168,9 +169,6 @@ def channel_site_map(channel_sites: Union[ChannelSites, Iterable[str]]) -> dict[
     return sites
 
 
-@functools.partial(
-    jax.jit, static_argnames=("model", "kwargs", "layer_paths", "attention_paths", "max_samples", "channel_sites")
-)
 def _batch_stats(variables, batch, *, model, kwargs, layer_paths, attention_paths, max_samples, channel_sites):
     """{site: (samples, min, max)} of one batch; per-channel sites ((site, n) pairs) give rows [S, C] and
     min / max of the channel shape (the input's last n dims; C their product)."""

@@ -12,7 +12,6 @@ the assignment never retraces. The static path (`QuantizedModel`) is used for th
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import flax.linen as nn
@@ -21,6 +20,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply.calibration import ActivationParams
+from lampq_jax.apply.compiled import compiled
 from lampq_jax.apply.fake import QuantPoint, QuantSpec, quantize_layer
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
@@ -78,10 +78,20 @@ def dynamic_interceptor(state: DynamicBits, *, ste: bool = False, on_input=None)
     return site_interceptor(on_site, on_softmax=on_softmax)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs"))
-def dynamic_apply(variables, state: DynamicBits, x, *, model: nn.Module, kwargs: tuple):
+def _dynamic_forward(variables, state: DynamicBits, x, *, model: nn.Module, kwargs: tuple):
     with nn.intercept_methods(dynamic_interceptor(state)):
         return model.apply(variables, x, **dict(kwargs))
+
+
+def dynamic_forward(model: nn.Module, kwargs: tuple):
+    """The jitted `(variables, state, x) → model.apply(variables, x, **dict(kwargs))` with the bits of `state`,
+    one per model and keyword set (`compiled`): the bits are traced, so a new assignment does not compile again."""
+    return compiled(_dynamic_forward, static_module(model), kwargs)
+
+
+def dynamic_apply(variables, state: DynamicBits, x, *, model: nn.Module, kwargs: tuple):
+    """`dynamic_forward(model, kwargs)(variables, state, x)`."""
+    return dynamic_forward(model, kwargs)(variables, state, x)
 
 
 @dataclasses.dataclass(eq=False)
@@ -95,6 +105,11 @@ class DynamicQuantizer:
       apply_kwargs: keyword arguments of `model.apply`.
       weight_grid: clipping-search grid of the weights (None: default).
       hessians: {path: [in, in]} of the layers whose weights get GPTQ codes (the others: RTN).
+
+    Each (layer, bit-width) is quantized once and kept packed (`tensor`): at most 7 tensors per layer (2–8
+    bits), packed in Σ_b container_bits(b) / 32 ≈ 1.1× the float kernels if every width is used, plus the
+    grids; the cache goes with the quantizer.
+    The forward is `dynamic_forward`, compiled once per model (`apply.compiled`).
     """
 
     model: nn.Module

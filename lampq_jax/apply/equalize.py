@@ -31,7 +31,6 @@ W4A4 from 0.8424 to 0.8462 but W8A8 from 0.9988 to 0.9983: within noise, so it s
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Iterable, Optional, Sequence
 
@@ -63,7 +62,6 @@ def _key_sums(site: str, x: jax.Array) -> Optional[tuple[jax.Array, int]]:
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "attention_paths", "at_site"))
 def _batch_statistic(variables, batch, *, model, kwargs, attention_paths, at_site):
     """{site: at_site(site, x)} over one batch, for the attention sites where `at_site` is not None."""
     found: dict[str, Any] = {}

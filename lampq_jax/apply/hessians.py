@@ -8,7 +8,6 @@ input's trailing axes have one (`channel_input_sites`); convolutions and einsums
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Sequence
 
@@ -22,7 +21,6 @@ from lampq_jax.layers.discovery import Layer
 from lampq_jax.layers.types import LAYER_TYPES
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "input_axes"))
 def _batch_grams(variables, batch, *, model, kwargs, input_axes):
     """{path: (Σ xxᵀ [in, in], number of rows)} of one batch; input_axes: ((path, n input axes), ...)."""
     axes = dict(input_axes)

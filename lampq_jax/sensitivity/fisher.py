@@ -18,7 +18,6 @@ for features. A user `log_likelihood(output [1, ...], target) -> scalar` covers 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -28,6 +27,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lampq_jax.apply.calibration import ActivationParams, check_images, input_errors
+from lampq_jax.apply.compiled import compiled
 from lampq_jax.apply.data_parallel import (
     batch_spec,
     is_parallel,
@@ -95,10 +95,6 @@ def _adder(perturbations: dict[str, jax.Array]):
     return add
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=("model", "kwargs", "batch_size", "likelihood", "quantized", "mesh", "num_samples", "candidates"),
-)
 def _fisher_pass(
     variables,
     kernels,
@@ -242,8 +238,19 @@ def fisher_traces(
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
     if is_parallel(mesh):
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
+    fisher_pass = compiled(
+        _fisher_pass,
+        static_module(model),
+        kwargs,
+        batch_size=min(batch_size, num_samples),
+        likelihood=likelihood,
+        quantized=quant is not None,
+        mesh=mesh if is_parallel(mesh) else None,
+        num_samples=num_samples,
+        candidates=candidates,
+    )
     weight, activation, errors = jax.device_get(
-        _fisher_pass(
+        fisher_pass(
             variables,
             kernels,
             zeros,
@@ -251,14 +258,6 @@ def fisher_traces(
             shard_batch(targets, mesh),
             state,
             replicate(tables, mesh),
-            model=static_module(model),
-            kwargs=kwargs,
-            batch_size=min(batch_size, num_samples),
-            likelihood=likelihood,
-            quantized=quant is not None,
-            mesh=mesh if is_parallel(mesh) else None,
-            num_samples=num_samples,
-            candidates=candidates,
         )
     )
     # The means over samples are taken here in float64, so that they do not depend on how samples were split.

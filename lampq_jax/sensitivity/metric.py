@@ -13,11 +13,9 @@ Type-aware metric Ω_i(b) = α_{t(i)} · ΔL̂_i(b), with α_t from `alpha_by_ty
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
-import jax
 import numpy as np
 from jax.sharding import Mesh
 
@@ -42,7 +40,6 @@ def weight_errors(variables: Any, layers: Sequence[Layer], candidates: Sequence[
     return np.stack(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "kwargs", "paths", "candidates"))
 def _batch_activation_errors(variables, tables, state: DynamicBits, batch, *, model, kwargs, paths, candidates):
     """{path: [batch, candidates] ‖Q_b(A_{i,n}) − A_{i,n}‖² per image n} of one batch; compiled once per model."""
     found = {}

@@ -3,20 +3,21 @@ import numpy as np
 import pytest
 
 import lampq_jax
-from lampq_jax.apply.dynamic import DynamicQuantizer, dynamic_apply
+from lampq_jax.apply.dynamic import DynamicQuantizer, dynamic_forward
 from lampq_jax.apply.fake import quant_point, quantize_weights
 from lampq_jax.apply.model import QuantizedModel
 
 
 def test_dynamic_bits_equal_the_static_model_and_compile_once(tiny_setup):
     model, variables, images = tiny_setup
-    before = dynamic_apply._cache_size()
+    forward = dynamic_forward(model, ())
+    before = forward._cache_size()
     for bits in (3, 4, 8):
         result = lampq_jax.quantize_uniform(model, variables, images, bits, weight_method="rtn", center_keys=False)
         q = result.quantized
         dq = DynamicQuantizer(model, variables, q.layers, [p for p, _ in q.spec.attention], q.act_params)
         np.testing.assert_array_equal(dq.apply(images, result.bits, result.attention_bits), result.apply(images))
-    assert dynamic_apply._cache_size() - before == 1
+    assert forward._cache_size() - before == 1
     # nothing quantized: the full-precision model
     np.testing.assert_allclose(dq.apply(images, {}, {}), model.apply(variables, images), rtol=1e-5, atol=1e-5)
 
