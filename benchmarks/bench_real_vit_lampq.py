@@ -10,7 +10,10 @@ Methods: uniform, LampQ (defaults: α = probe at the lowest candidate, the unifo
 measures better), LampQ's own allocation (`keep_uniform=False`), a cheaper LampQ (`lampq_fast`: P = 2 probes
 per type and K = 1 iteration instead of 4 and 3, the uniform fallback kept), LampQ with α = layer (every unit
 probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.alpha_by_unit`),
-HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, LampQ without I3.
+HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, and the ablations
+without I1 / I2 / I3 (`no_i1`, ...; `no_i1_own`, ...: their own allocation, `keep_uniform=False`, to set
+beside `lampq_own`). `lampq_check` is the default LampQ with its metric check on: every group measured alone
+at the probe bits, and the row records the Spearman of Ω against that ΔJ for each α mode.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
 runs first and pays the compilations that the others then share, so the table gives draws ≥ 1 apart.
 
@@ -37,7 +40,23 @@ from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
 from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
-METHODS = ("uniform", "lampq", "lampq_own", "lampq_fast", "lampq_layer", "hawq", "vtptq", "random", "no_i3")
+METHODS = (
+    "uniform",
+    "lampq",
+    "lampq_own",
+    "lampq_fast",
+    "lampq_layer",
+    "lampq_check",
+    "hawq",
+    "vtptq",
+    "random",
+    "no_i1",
+    "no_i2",
+    "no_i3",
+    "no_i1_own",
+    "no_i2_own",
+    "no_i3_own",
+)
 STAGE_ORDER = (
     "discovery",
     "calibration",
@@ -59,8 +78,12 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
         return dataclasses.replace(base, alpha="layer", probe_bits=probe)
     if name == "lampq_fast":
         return dataclasses.replace(base, probes=2, iterations=1)
-    if name == "lampq_own":
-        return dataclasses.replace(base, keep_uniform=False)
+    if name == "lampq_check":
+        return dataclasses.replace(base, metric_check=True)
+    if name.endswith("_own"):
+        return dataclasses.replace(
+            config_of(name.removesuffix("_own"), budget, layer_probe_bits, seed), keep_uniform=False
+        )
     return lampq_jax.baseline_config(name, base)
 
 
@@ -81,6 +104,10 @@ def run(name, model, variables, calib, budget, layer_probe_bits, seed):
         config=config_of(name, budget, layer_probe_bits, seed),
         train=False,
     )
+
+
+def _mean_std(values) -> tuple[float, float]:
+    return float(np.mean(values)), float(np.std(values))
 
 
 def one_minus_cos(fn, images: np.ndarray, ref: np.ndarray) -> float:
@@ -124,6 +151,7 @@ def main() -> None:
                     "calib_J": one_minus_cos(fn, calib, ref_calib),
                     "avg_w_bits": result.report["avg_weight_bits_allocated"],
                     "best_round": result.report.get("best_round"),
+                    "spearman": result.report.get("spearman") or None,
                     "timings": {k: round(v, 1) for k, v in result.timings.items()},
                 }
                 rows.append(row)
@@ -174,6 +202,12 @@ def main() -> None:
                 total_s = float(np.mean([r["seconds"] for r in picked]))
                 cells = " | ".join(f"{mean[k]:.0f}" for k in stages)
                 stage_lines.append(f"| {budget:g} | {name} | {cells} | {total_s:.0f} |")
+    spearman_lines = []
+    for budget in args.budgets:
+        checked = [r["spearman"] for r in rows if r["budget"] == budget and r.get("spearman")]
+        if checked:
+            modes = ", ".join(f"α = {m}: {fmt(_mean_std([c[m] for c in checked]), 3)}" for m in checked[0])
+            spearman_lines.append(f"- {budget:g} bits, {len(checked)} draw(s): {modes}")
     total = time.perf_counter() - start_all
     body = (
         "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines\n\n"
@@ -186,6 +220,12 @@ def main() -> None:
         + "\n".join(lines)
         + "\n\nSeconds by stage (the result's `timings`; 'total' is the whole call):\n\n"
         + "\n".join(stage_lines)
+        + (
+            "\n\nMetric check (`lampq_check`): Spearman of Ω against each group's measured ΔJ alone, "
+            "mean ± std over draws:\n\n" + "\n".join(spearman_lines)
+            if spearman_lines
+            else ""
+        )
         + f"\n\nWhole run: {total:.0f} s."
     )
     write_section(args.section, body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
