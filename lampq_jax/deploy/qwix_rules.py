@@ -35,6 +35,8 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from lampq_jax.quant.uniform import check_bits
+
 QWIX_NATIVE_BITS = {4: "int4", 8: "int8"}  # bits with a jnp dtype; the others are Qwix strings
 
 
@@ -55,8 +57,7 @@ def qwix_qtype(bits: int) -> Any:
     Raises:
       ValueError: `bits` is not an integer in [2, 8].
     """
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
-        raise ValueError(f"bits must be an integer in [2, 8], got {bits!r}")
+    bits = check_bits(bits)
     if bits in QWIX_NATIVE_BITS:
         import jax.numpy as jnp  # noqa: PLC0415
 
