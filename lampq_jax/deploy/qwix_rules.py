@@ -9,15 +9,18 @@ Bit-widths map one to one: b bits -> `jnp.int4` (b = 4), `jnp.int8` (b = 8), and
 integer types 'int2', 'int3', 'int5', 'int6', 'int7' (stored in int4 / int8 containers, values
 clipped to [-2^(b-1), 2^(b-1) - 1]). Nothing is rounded up.
 
-What Qwix does with the rules is its own quantizer, not LampQ's: weights per channel, symmetric
-from the absolute maximum (`weight_calibration_method='absmax'`, Qwix's default; its asymmetric
-'minmax' supports only int4 and int8), activations quantized dynamically per token unless the
-rule asks for static ranges. LampQ's weights are asymmetric with a clipping search and its
-activations use calibrated static ranges, so the two models agree on *what* is quantized at how
-many bits, not on the values. The attention matmuls (q, k, v and the log-grid softmax quantizer of
-LampQ) get no rule: Qwix's PTQ provider quantizes an einsum's inputs only under a rule that also
-quantizes a weight, and it has no log-grid type. Qwix's PTQ convolution needs the same type for
-weights and activations, so a Conv layer with different weight and activation bits raises.
+With `qwix.quantize_params`, Qwix quantizes the weights itself: per channel, symmetric from the absolute
+maximum (`weight_calibration_method='absmax'`, Qwix's default; its asymmetric 'minmax' supports only int4
+and int8). `qwix_params(result, abstract)` hands Qwix the result's own codes instead: every Dense /
+DenseGeneral / Einsum kernel becomes Qwix's quantized array with the result's codes, scale and zero point,
+so Qwix computes with exactly the result's kernels. Qwix's convolution takes no weight zero point, so Conv
+kernels (the patch embedding) are still rounded by Qwix, from the result's kernel. Activations are Qwix's
+own either way: quantized dynamically per token unless the rule asks for static ranges, where LampQ uses
+calibrated static ranges, so the two models agree on the weights and on how many bits each input gets,
+not on the activation values. The attention matmuls (q, k, v and LampQ's softmax quantizer) get no rule:
+Qwix's PTQ provider quantizes an einsum's inputs only under a rule that also quantizes a weight. Qwix's PTQ
+convolution needs the same type for weights and activations, so a Conv layer with different weight and
+activation bits raises.
 
 Qwix is an optional dependency (tested with qwix 0.1.8, jax 0.10.2, flax 0.12.8):
 `pip install qwix`.
@@ -26,7 +29,7 @@ Example:
     >>> rules = qwix_rules(result)
     >>> qmodel = qwix.quantize_model(model, qwix.PtqProvider(rules))
     >>> abstract = jax.eval_shape(qmodel.init, jax.random.key(0), images[:1])["params"]
-    >>> qparams = qwix.quantize_params(variables["params"], abstract)
+    >>> qparams = qwix_params(result, abstract)  # or Qwix's own: qwix.quantize_params(variables["params"], abstract)
     >>> logits = qmodel.apply({"params": qparams}, images)
 """
 
@@ -148,4 +151,75 @@ def qwix_rules(
     ]
 
 
-__all__ = ["QWIX_NATIVE_BITS", "qwix_qtype", "qwix_qtype_bits", "qwix_rules"]
+def qwix_params(result: Any, abstract: Any) -> dict:
+    """Qwix PTQ params that carry `result`'s own weight codes instead of Qwix's re-quantization.
+
+    For each quantized Dense / DenseGeneral / Einsum layer, the kernel leaf is Qwix's quantized array built
+    from the result's `QuantizedTensor` (codes q ∈ [0, 2^b − 1], scale s, zero point z per output channel):
+
+        qvalue = q − 2^(b−1),   zero_point = z − 2^(b−1)   (in the rule's storage type),   scale = s
+
+    so Qwix computes with (qvalue − zero_point) · s = (q − z) · s, the result's own kernel, bit for bit.
+    Every other param goes through `qwix.quantize_params` from the result's variables; that includes the
+    Conv kernels (the patch embedding): Qwix's convolution takes no weight zero point, so Qwix rounds those
+    kernels, already on the result's grid, on its own symmetric grid.
+
+    Args:
+      result: a `QuantizationResult`.
+      abstract: the Qwix model's abstract params, built with `qwix_rules(result)` (symmetric weights, the
+        default): `jax.eval_shape(qmodel.init, key, x)['params']`.
+
+    Returns:
+      The param tree for `qmodel.apply({'params': ...}, x)`.
+
+    Raises:
+      ImportError: Qwix is not installed.
+      ValueError: a quantized layer whose leaf in `abstract` is not Qwix-quantized at its bits in its own
+        kernel layout (not built with `qwix_rules(result)`), named.
+    """
+    from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: PLC0415
+
+    qwix = _import_qwix()
+    quantized = result.quantized
+    params = flatten_dict(dict(quantized.variables)["params"])
+    templates = flatten_dict(abstract)
+    by_path = {layer.path: layer for layer in quantized.layers}
+    own = {}
+    for path, weight_bits, _ in quantized.spec.layers:
+        layer = by_path[path]
+        if layer.kind != "conv":
+            key = (*path.split("/"), "kernel")
+            own[key] = _own_leaf(templates.get(key), quantized.weights[path], weight_bits, layer.out_axes, path)
+    rest = unflatten_dict({k: v for k, v in params.items() if k not in own})
+    return unflatten_dict({**flatten_dict(qwix.quantize_params(rest, abstract)), **own})
+
+
+def _own_leaf(template: Any, tensor: Any, bits: int, out_axes: tuple[int, ...], path: str) -> Any:
+    """`template` (Qwix's abstract leaf) holding `tensor`'s codes and grid (see `qwix_params`)."""
+    qarray = getattr(template, "array", None)
+    if qarray is None or getattr(qarray, "zero_point", 0) is not None:
+        raise ValueError(
+            f"layer {path!r} has no symmetric Qwix-quantized kernel in `abstract` (found {type(template).__name__}); "
+            "build the Qwix model with qwix_rules(result)"
+        )
+    codes, grid = tensor.kernel_codes(out_axes), tensor.grid(out_axes)
+    if (
+        qwix_qtype_bits(qarray.qtype) != bits
+        or codes.shape != qarray.qvalue.shape
+        or grid.scale.shape != qarray.scale.shape
+    ):
+        raise ValueError(
+            f"layer {path!r}: Qwix's kernel is {qarray.qtype} {tuple(qarray.qvalue.shape)} with scale "
+            f"{tuple(qarray.scale.shape)}, the result's is int{bits} {tuple(codes.shape)} with scale {tuple(grid.scale.shape)}"
+        )
+    offset, dtype = 2 ** (bits - 1), qarray.qvalue.dtype
+    return template.replace(
+        array=qarray.replace(
+            qvalue=(codes - offset).astype(dtype),
+            scale=grid.scale.astype(qarray.scale.dtype),
+            zero_point=(grid.zero_point.astype(codes.dtype) - offset).astype(dtype),
+        )
+    )
+
+
+__all__ = ["QWIX_NATIVE_BITS", "qwix_params", "qwix_qtype", "qwix_qtype_bits", "qwix_rules"]

@@ -201,6 +201,11 @@ class QuantizedTensor:
         perm = kernel_permutation(len(self.shape), out_axes)
         return jnp.transpose(self.dequantize(dtype).reshape(self.shape), np.argsort(perm))
 
+    def kernel_codes(self, out_axes: tuple[int, ...], dtype: jax.typing.DTypeLike = jnp.int32) -> jax.Array:
+        """The unpacked codes in the kernel's own layout (as `kernel`, before dequantizing)."""
+        perm = kernel_permutation(len(self.shape), out_axes)
+        return jnp.transpose(self.codes(dtype).reshape(self.shape), np.argsort(perm))
+
     def grid(self, out_axes: tuple[int, ...]) -> UniformParams:
         """(scale, zero_point) broadcastable against the kernel in its own layout (see `from_kernel`)."""
         ndim = len(self.shape)

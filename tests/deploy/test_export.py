@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax.traverse_util import flatten_dict
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 from lampq_jax.apply import calibrate_activations, find_attention_paths
 from lampq_jax.apply.fake import QuantSpec, quantize_weight
@@ -30,7 +30,7 @@ from lampq_jax.deploy.export import (
 from lampq_jax.pipeline import size_report
 from lampq_jax.quant import packing, uniform
 from lampq_jax.quant.qtensor import QuantizedTensor
-from lampq_jax.deploy.qwix_rules import qwix_qtype, qwix_qtype_bits, qwix_rules
+from lampq_jax.deploy.qwix_rules import qwix_params, qwix_qtype, qwix_qtype_bits, qwix_rules
 from lampq_jax.result import QuantizationResult
 
 
@@ -219,6 +219,43 @@ def test_qwix_ptq_quantizes_exactly_the_assignment(tiny_setup, mixed):
     rel = float(np.abs(theirs - ours).max() / np.abs(ours).max())
     print(f"qwix {importlib.metadata.version('qwix')} vs lampq_jax, mixed 2-8 bits: max |Δ| / max |y| = {rel:.3f}")
     assert np.isfinite(theirs).all() and np.isfinite(rel)
+
+
+@pytest.mark.filterwarnings("ignore:'VariableState' was removed:DeprecationWarning")  # inside qwix 0.1.8
+def test_qwix_params_carry_the_results_own_codes(tiny_setup, mixed):
+    qwix = pytest.importorskip("qwix", reason="qwix is an optional dependency (pip install qwix)")
+    model, variables, images = tiny_setup
+    rules = qwix_rules(mixed)
+    abstract = lambda rules: jax.eval_shape(
+        lambda: qwix.quantize_model(model, qwix.PtqProvider(rules)).init(jax.random.key(0), images[:1])
+    )["params"]
+    qparams = qwix_params(mixed, abstract(rules))
+    q = mixed.quantized
+    ours = flatten_dict(q.variables["params"], sep="/")
+    leaves = flatten_dict(qparams, sep="/")
+    kinds = {l.path: l.kind for l in q.layers}
+    for path, weight_bits, _ in q.spec.layers:
+        array = leaves[f"{path}/kernel"].array
+        assert qwix_qtype_bits(array.qtype) == weight_bits
+        if kinds[path] == "conv":  # Qwix's own symmetric rounding of our kernel
+            assert array.zero_point is None
+            continue
+        np.testing.assert_array_equal(np.asarray(qwix.dequantize(array)), np.asarray(ours[f"{path}/kernel"]))
+    # with Qwix's own (dynamic) activation quantization too; the activations differ from ours, so only finite
+    full = jax.jit(qwix.quantize_model(model, qwix.PtqProvider(rules)).apply)({"params": qparams}, images)
+    assert np.isfinite(np.asarray(full)).all()
+    # weights only: Qwix's model with these params is the result's model with Qwix's kernels, to float rounding
+    convs = {f"^{re.escape(p)}$" for p, kind in kinds.items() if kind == "conv"}  # need act = weight qtype: left float
+    weights_only = [dataclasses.replace(r, act_qtype=None) for r in rules if r.module_path not in convs]
+    qmodel = qwix.quantize_model(model, qwix.PtqProvider(weights_only))
+    own_params = qwix_params(mixed, abstract(weights_only))
+    theirs = jax.jit(qmodel.apply)({"params": own_params}, images)
+    leaves = flatten_dict(own_params, sep="/")
+    kernels = {k: qwix.dequantize(v.array) if hasattr(v, "array") else v for k, v in leaves.items()}
+    reference = model.apply({**variables, "params": unflatten_dict(kernels, sep="/")}, images)
+    np.testing.assert_allclose(np.asarray(theirs), np.asarray(reference), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no symmetric Qwix-quantized kernel"):
+        qwix_params(mixed, jax.eval_shape(lambda: model.init(jax.random.key(0), images[:1]))["params"])
 
 
 def test_qwix_rules_refuse_what_qwix_cannot_express(mixed):
