@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_vit_ceiling import allocation_units, assignment_apply, cosines, prepared_dinov2  # noqa: E402
-from common import batched, write_json, write_section  # noqa: E402
+from common import batched, write_results  # noqa: E402
 
 from lampq_jax.apply.static import static_module  # noqa: E402
 from lampq_jax.data.photos import EVALUATION_SOURCES  # noqa: E402
@@ -89,17 +89,13 @@ def main() -> None:
             f"| {r['variant']} | {r['row']} | {r['calibration_J']:.4f} | {r['held_out_J']:.4f} "
             f"| {r['held_out_J'] / r['calibration_J']:.1f} | {r['held_out_worst']:.3f} | {per} |"
         )
-    total = time.perf_counter() - start
-    body = (
+    heading = (
         "## Calibration against held-out photos, by quantized part (DINOv2-S/14)\n\n"
         "J = mean (1 − class-token cosine to full precision) on the 32 calibration crops (9 photos) and the 32 "
         "held-out evaluation crops (8 other photos); the part named is quantized, everything else at 8 bits "
         "(embed / head at 8). The last columns are J per held-out photo (4 crops each).\n\n"
-        + "\n".join(lines)
-        + f"\n\nWhole run: {total:.0f} s."
     )
-    write_section("bench_real_vit_gap", body, "python benchmarks/bench_real_vit_gap.py")
-    write_json("real_vit_gap.json", {"rows": rows, "seconds": total})
+    write_results("bench_real_vit_gap", heading, lines, start, {"rows": rows})
 
 
 if __name__ == "__main__":

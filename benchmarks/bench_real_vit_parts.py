@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_vit import PROBE_FILE, class_tokens, fmnist_224  # noqa: E402
-from common import write_json, write_section  # noqa: E402
+from common import write_results  # noqa: E402
 
 import lampq_jax  # noqa: E402
 import lampq_jax.apply.calibration as calibration  # noqa: E402
@@ -207,14 +207,8 @@ def main() -> None:
         "|---|---:|",
     ]
     lines += [f"| {n} | {v:.4f} |" for n, v in out["random_vit"].items()]
-    total = time.perf_counter() - start_all
-    body = (
-        "## Real-ViT diagnostics: DINOv2-S/14, 16 calibration / 16 held-out crops\n\n"
-        + "\n".join(lines)
-        + f"\n\nWhole run: {total:.0f} s."
-    )
-    write_section("bench_real_vit_parts", body, "python benchmarks/bench_real_vit_parts.py")
-    write_json("real_vit_parts.json", {**out, "seconds": total})
+    heading = "## Real-ViT diagnostics: DINOv2-S/14, 16 calibration / 16 held-out crops\n\n"
+    write_results("bench_real_vit_parts", heading, lines, start_all, out)
 
 
 if __name__ == "__main__":

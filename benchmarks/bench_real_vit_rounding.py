@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_real_vit_ceiling import allocation_units, assignment_apply, cosines, prepared_dinov2  # noqa: E402
-from common import write_json, write_section  # noqa: E402
+from common import write_results  # noqa: E402
 
 from lampq_jax.apply.static import static_module  # noqa: E402
 
@@ -68,17 +68,13 @@ def main() -> None:
             f"| {r['variant']} | {r['images']} | {w} | {a} | {qk} | {pv} | {r['j_batch16']:.4f} | {r['j_batch8']:.4f} "
             f"| {r['max_image_change']:.4f} |"
         )
-    total = time.perf_counter() - start
-    body = (
+    heading = (
         "## Float-rounding sensitivity of the quantized real ViT (DINOv2-S/14)\n\n"
         "The same 16 crops through the same fake-quantized model as one batch of 16 and as two batches of 8: only "
         "XLA's float rounding differs. J = mean (1 − class-token cosine to full precision). Base quantizers "
         "calibrated on the 32 calibration crops; embed / head at 8.\n\n"
-        + "\n".join(lines)
-        + f"\n\nWhole run: {total:.0f} s."
     )
-    write_section("bench_real_vit_rounding", body, "python benchmarks/bench_real_vit_rounding.py")
-    write_json("real_vit_rounding.json", {"rows": rows, "seconds": total})
+    write_results("bench_real_vit_rounding", heading, lines, start, {"rows": rows})
 
 
 if __name__ == "__main__":

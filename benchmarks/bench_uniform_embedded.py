@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_section  # noqa: E402
+from common import write_results  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.embedded import load_embedded_model, load_embedded_subset  # noqa: E402
@@ -49,14 +49,8 @@ def main() -> None:
     for label, _ in settings:
         accs = {r["bits"]: r["accuracy"] for r in rows if r["setting"] == label}
         table.append(f"| {label} | " + " | ".join(f"{accs[b]:.2f}" for b in (8, 6, 4, 3)) + " |")
-    total = time.perf_counter() - start_all
-    body = (
-        "## Uniform WbAb on the embedded Fashion-MNIST ViT (test accuracy, %, 2,000 images)\n\n"
-        + "\n".join(table)
-        + f"\n\nWhole run: {total:.0f} s."
-    )
-    write_section("bench_uniform_embedded", body, "python benchmarks/bench_uniform_embedded.py")
-    write_json("uniform_embedded.json", {"fp_accuracy": fp, "rows": rows, "seconds": total})
+    heading = "## Uniform WbAb on the embedded Fashion-MNIST ViT (test accuracy, %, 2,000 images)\n\n"
+    write_results("bench_uniform_embedded", heading, table, start_all, {"fp_accuracy": fp, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -83,6 +83,19 @@ def synthesize_timed(model, variables, num_images, image_shape, steps, output, p
     return images, time.perf_counter() - start
 
 
+def synthesis_settings(images: int, steps: int, seconds: float) -> dict:
+    """The synthesis settings and time that the table's header reports."""
+    return {"images": images, "steps": steps, "seconds": seconds, "per_image": seconds / images}
+
+
+def synthesis_note(s: dict, digits: int) -> str:
+    """'Synthesis: N images × S steps in one group, T s (t s per image)', T with `digits` decimals."""
+    return (
+        f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.{digits}f} s "
+        f"({s['per_image']:.{digits + 1}f} s per image)"
+    )
+
+
 def embedded_rows(args) -> tuple[list[dict], dict]:
     """Every seed draws its own synthesis rng, noise and 32 real calibration images (of the 256 embedded)."""
     model, variables, _ = load_embedded_model()
@@ -129,15 +142,8 @@ def embedded_rows(args) -> tuple[list[dict], dict]:
                     }
                 )
                 print(rows[-1], flush=True)
-    seconds = float(np.mean(synthesis_seconds))
-    settings = {
-        "images": args.embedded_images,
-        "steps": args.embedded_steps,
-        "seconds": seconds,
-        "per_image": seconds / args.embedded_images,
-        "fp_accuracy": fp,
-    }
-    return rows, settings
+    settings = synthesis_settings(args.embedded_images, args.embedded_steps, float(np.mean(synthesis_seconds)))
+    return rows, {**settings, "fp_accuracy": fp}
 
 
 def real_vit_rows(args) -> tuple[list[dict], dict]:
@@ -189,14 +195,7 @@ def real_vit_rows(args) -> tuple[list[dict], dict]:
                 }
             )
             print(rows[-1], flush=True)
-    settings = {
-        "images": args.vit_images,
-        "steps": args.vit_steps,
-        "seconds": seconds,
-        "per_image": seconds / args.vit_images,
-        "fp_probe_accuracy": fp_probe,
-    }
-    return rows, settings
+    return rows, {**synthesis_settings(args.vit_images, args.vit_steps, seconds), "fp_probe_accuracy": fp_probe}
 
 
 def table(rows, budgets, key, fmt, gap_goal) -> list[str]:
@@ -261,9 +260,8 @@ def main() -> None:
                 + header(args)
                 + f" FP {s['fp_accuracy']:.2f} %; {seeds}.\n\n"
                 + "\n".join(table(rows, args.budgets, "accuracy", "{:.2f}", 1.0))
-                + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.1f} s "
-                f"({s['per_image']:.2f} s per image); real calibration: 32 embedded calibration images. "
-                f"Whole part: {total:.0f} s."
+                + synthesis_note(s, 1)
+                + f"; real calibration: 32 embedded calibration images. Whole part: {total:.0f} s."
             ),
             command,
         )
@@ -283,9 +281,9 @@ def main() -> None:
                 + f"\n\nFashion-MNIST linear-probe accuracy (%), first {args.probe_test} test images at 224², "
                 f"FP {s['fp_probe_accuracy']:.2f} %:\n\n"
                 + "\n".join(table(rows, args.budgets, "probe_accuracy", "{:.2f}", 1.0))
-                + f"\n\nSynthesis: {s['images']} images × {s['steps']} steps in one group, {s['seconds']:.0f} s "
-                f"({s['per_image']:.1f} s per image on this CPU); every LampQ row calibrates on {s['images']} images "
-                f"(real: {s['images']} photo crops), not 32, to fit the machine. Whole part: {total:.0f} s."
+                + synthesis_note(s, 0)
+                + f" on this CPU; every LampQ row calibrates on {s['images']} images (real: {s['images']} photo "
+                f"crops), not 32, to fit the machine. Whole part: {total:.0f} s."
             ),
             command,
         )

@@ -71,3 +71,14 @@ def write_json(filename: str, data: dict[str, Any]) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+def write_results(section: str, heading: str, lines: list[str], start: float, data: dict[str, Any]) -> float:
+    """Writes RESULTS.md's `section`: `heading` (title and intro), the table `lines` and the whole run's seconds
+    since `start`; and results/<section without 'bench_'>.json: `data` with those seconds. Returns the seconds."""
+    total = time.perf_counter() - start
+    write_section(
+        section, heading + "\n".join(lines) + f"\n\nWhole run: {total:.0f} s.", f"python benchmarks/{section}.py"
+    )
+    write_json(f"{section.removeprefix('bench_')}.json", {**data, "seconds": total})
+    return total
