@@ -12,7 +12,8 @@ per type and K = 1 iteration instead of 4 and 3, the uniform fallback kept), Lam
 probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.alpha_by_unit`),
 HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, and the ablations
 without I1 / I2 / I3 (`no_i1`, ...; `no_i1_own`, ...: their own allocation, `keep_uniform=False`, to set
-beside `lampq_own`). `lampq_check` is the default LampQ with its metric check on: every group measured alone
+beside `lampq_own`). `lampq_pb` / `lampq_pb_own`: α's probes at ⌊budget⌋ − 1 bits (≥ 2) instead of the lowest
+candidate. `lampq_check` is the default LampQ with its metric check on: every group measured alone
 at the probe bits, and the row records the Spearman of Ω against that ΔJ for each α mode.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
 runs first and pays the compilations that the others then share, so the table gives draws ≥ 1 apart.
@@ -56,6 +57,8 @@ METHODS = (
     "no_i1_own",
     "no_i2_own",
     "no_i3_own",
+    "lampq_pb",
+    "lampq_pb_own",
 )
 STAGE_ORDER = (
     "discovery",
@@ -80,6 +83,11 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
         return dataclasses.replace(base, probes=2, iterations=1)
     if name == "lampq_check":
         return dataclasses.replace(base, metric_check=True)
+    if name.endswith("_pb"):  # α's probes one bit below the budget instead of at the lowest candidate
+        probe = max(2, math.floor(budget) - 1)
+        return dataclasses.replace(
+            config_of(name.removesuffix("_pb"), budget, layer_probe_bits, seed), probe_bits=probe
+        )
     if name.endswith("_own"):
         return dataclasses.replace(
             config_of(name.removesuffix("_own"), budget, layer_probe_bits, seed), keep_uniform=False
