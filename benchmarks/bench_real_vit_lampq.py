@@ -218,7 +218,9 @@ def main() -> None:
             spearman_lines.append(f"- {budget:g} bits, {len(checked)} draw(s): {modes}")
     total = time.perf_counter() - start_all
     body = (
-        "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines\n\n"
+        "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines"
+        + ("" if args.section == "bench_real_vit_lampq" else f" (`{args.section}`)")
+        + "\n\n"
         f"{args.draws} calibration draw(s) of 32 photo crops, 32 held-out evaluation crops of other photos, "
         "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied), embed/head at 8, "
         "attention inputs at the budget rounded. Figures are mean ± standard deviation over the draws; 'ratio to "
