@@ -38,6 +38,10 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
 from lampq_jax.quant.uniform import check_bits
 
 QWIX_NATIVE_BITS = {4: "int4", 8: "int8"}  # bits with a jnp dtype; the others are Qwix strings
@@ -62,8 +66,6 @@ def qwix_qtype(bits: int) -> Any:
     """
     bits = check_bits(bits)
     if bits in QWIX_NATIVE_BITS:
-        import jax.numpy as jnp  # noqa: PLC0415
-
         return getattr(jnp, QWIX_NATIVE_BITS[bits])
     return f"int{bits}"
 
@@ -78,8 +80,6 @@ def qwix_qtype_bits(qtype: Any) -> int:
     match = re.fullmatch(r"int([2-8])", str(name))
     if match is None:
         try:
-            import numpy as np  # noqa: PLC0415
-
             match = re.fullmatch(r"int([2-8])", np.dtype(qtype).name)
         except TypeError:
             match = None
@@ -177,8 +177,6 @@ def qwix_params(result: Any, abstract: Any) -> dict:
       ValueError: a quantized layer whose leaf in `abstract` is not Qwix-quantized at its bits in its own
         kernel layout (not built with `qwix_rules(result)`), named.
     """
-    from flax.traverse_util import flatten_dict, unflatten_dict  # noqa: PLC0415
-
     qwix = _import_qwix()
     quantized = result.quantized
     params = flatten_dict(dict(quantized.variables)["params"])
@@ -197,7 +195,7 @@ def qwix_params(result: Any, abstract: Any) -> dict:
 def _own_leaf(template: Any, tensor: Any, bits: int, out_axes: tuple[int, ...], path: str) -> Any:
     """`template` (Qwix's abstract leaf) holding `tensor`'s codes and grid (see `qwix_params`)."""
     qarray = getattr(template, "array", None)
-    if qarray is None or getattr(qarray, "zero_point", 0) is not None:
+    if qarray is None or qarray.zero_point is not None:
         raise ValueError(
             f"layer {path!r} has no symmetric Qwix-quantized kernel in `abstract` (found {type(template).__name__}); "
             "build the Qwix model with qwix_rules(result)"
