@@ -71,7 +71,8 @@ class LampQConfig:
       alpha: type-aware scale α_t: 'probe' (I2), 'mean', or 'none' (HAWQ-style, no I2); or 'layer':
         every unit probed alone and scaled by its own measured increase (`metric.alpha_by_unit`).
       probes: P, layers (groups) probed per type for α = 'probe'.
-      probe_bits: bit-width of the single-layer probes and of the metric check (None: the lowest candidate).
+      probe_bits: bit-width of the single-layer probes and of the metric check (None: the largest candidate
+        below the budget's whole bits ⌊β⌋, else the lowest; `lampq_jax.sensitivity.probes.probe_width`).
       iterations: K, rounds of iterative bit updates (I3); 0 turns them off.
       damping: weight of the previous metric: Ω^(k) = d Ω^(k−1) + (1 − d) Ω_new.
       separate_weight_act_bits: allocate weight and activation bits separately.
@@ -98,7 +99,9 @@ class LampQConfig:
       fisher: 'auto' (empirical with labels, true otherwise), 'empirical' or 'true'.
       output: 'logits' or 'features' (likelihood of the true Fisher, default objective).
       batch_size: samples per vmapped chunk of the Fisher pass and per calibration batch.
-      metric_check: also measure every group alone to report the metric's Spearman figure.
+      metric_check: also measure every group alone to report the metric's Spearman figure (METHOD.md §4's
+        check; off by default: one forward pass per group, on DINOv2-S/14 48 passes, more than the rest of
+        the search; `lampq_jax.metric_check` runs it alone, the CLI's --metric-check turns it on).
       keep_uniform: also measure the uniform assignment at the budget (W b A b, b the largest candidate ≤ β;
         not for 'model_bytes') and keep it when no round's J is lower, so that the search never returns an
         allocation its own objective rates below uniform's. Off in the peer baselines (hawq, vtptq, random).
@@ -134,7 +137,7 @@ class LampQConfig:
     fisher: str = "auto"
     output: str = "logits"
     batch_size: int = 8
-    metric_check: bool = True
+    metric_check: bool = False
     keep_uniform: bool = True
     ilp_time_limit: float = 30.0
     mip_gap: float = 1e-4

@@ -56,7 +56,7 @@ from lampq_jax.layers import Layer, TypeRule, check_rules, find_layers, quantiza
 from lampq_jax.quant import check_bits
 from lampq_jax.result import QuantizationResult
 from lampq_jax.sensitivity import FisherTraces, fisher_traces
-from lampq_jax.sensitivity.probes import probe_alpha
+from lampq_jax.sensitivity.probes import probe_alpha, probe_width
 from lampq_jax.sensitivity.vtptq import vtptq_metric
 from lampq_jax.sensitivity.metric import (
     predicted_increase,
@@ -551,6 +551,7 @@ class _Sensitivity:
     measured: dict[int, float]  # {unit index: measured ΔJ alone at the probe bits}
     spearman: dict[str, float]  # {α mode: Spearman of Ω against the measured ΔJ}
     unit_keys: list[str]
+    probe_bits: Optional[int]  # the probes' bits (None: no probes, metric 'vtptq' or 'random')
 
 
 def _sensitivity(run: _LampQRun) -> _Sensitivity:
@@ -577,6 +578,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
             measured={},
             spearman={},
             unit_keys=[],
+            probe_bits=None,
         )
     with timer("fisher"):
         bar.set_postfix_str("Fisher traces")
@@ -602,9 +604,10 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         w_term, a_term = predicted_increase(fisher, layers, w_err, _input_errors(fisher, layers))
     bar.update()
     bar.set_postfix_str("single-layer probes")
+    b_low = probe_width(config.candidates, config.probe_bits, run.budget, config.budget_kind)
     with timer("probe"):
         alpha, layer_alpha, measured, spearman_figures, unit_keys = probe_alpha(
-            layers, w_term, a_term, fisher, config, lambda bits: run.measure(bits, {})
+            layers, w_term, a_term, fisher, config, lambda bits: run.measure(bits, {}), b_low
         )
     bar.update()
     return _Sensitivity(
@@ -617,6 +620,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         measured=measured,
         spearman=spearman_figures,
         unit_keys=unit_keys,
+        probe_bits=b_low,
     )
 
 
@@ -768,6 +772,7 @@ def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, 
         "best_round": best[2],
         "history": history,
         "layers": rows,
+        "probe_bits": sens.probe_bits,
         "probes": {sens.unit_keys[k]: v for k, v in sens.measured.items()},
         **zs_entry,
     }
@@ -858,11 +863,13 @@ def metric_check(
 ) -> dict[str, float]:
     """Spearman rank correlation, over all layer groups, between Ω_i at the probe bits and the measured
     increase of the calibration objective when group i alone is quantized, for α = none, mean and probe.
+    The probe bits are `config.probe_bits`, or the lowest candidate when it is None (there is no budget).
 
     Runs the sensitivity stages of `quantize` (no iterations) and returns {mode: r}; `rules` as in `quantize`.
     """
     rules = checked_rules(rules)
-    config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher")
+    probe_bits = config.probe_bits or min(config.candidates)  # no budget here: METHOD.md §4's lowest candidate
+    config = dataclasses.replace(config, metric_check=True, iterations=0, metric="fisher", probe_bits=probe_bits)
     result = quantize(
         model,
         variables,

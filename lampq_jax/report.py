@@ -174,7 +174,8 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
             f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective"
             f"{objective} J = {r['J']:.5f} (round {r['best_round']})"
         )
-        parts.append("- α per type: " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))
+        probed_at = f" (probes at {r['probe_bits']} bits)" if r.get("probe_bits") else ""
+        parts.append("- α per type" + probed_at + ": " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))
         if r.get("spearman"):
             parts.append(
                 "- metric check, Spearman(Ω(b_low), measured ΔL): "
@@ -234,7 +235,7 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
 
 
 def plot_bits(result: QuantizationResult, path: str | Path) -> Path:
-    """Saves a PNG: bits per layer coloured by type (top) and the Fisher metric Ω(b_low) per layer (bottom)."""
+    """Saves a PNG: bits per layer coloured by type (top) and the Fisher metric Ω at the lowest candidate per layer (bottom)."""
     try:
         import matplotlib
 

@@ -15,7 +15,7 @@ FAST = dict(progress=False, iterations=1, probes=2)
 @pytest.fixture(scope="module")
 def lampq_result(tiny_setup):
     model, variables, images = tiny_setup
-    return lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST))
+    return lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST, metric_check=True))
 
 
 def allocated_avg(result):
@@ -32,6 +32,7 @@ def test_lampq_meets_budget_and_reports(lampq_result):
         attn = f"Transformer/encoderblock_{block}/MultiHeadDotProductAttention_0"
         assert r.bits[f"{attn}/query"] == r.bits[f"{attn}/key"] == r.bits[f"{attn}/value"]
     assert set(r.report["spearman"]) == {"none", "mean", "probe"}
+    assert r.report["probe_bits"] == 3  # one candidate below the budget of 4
     assert set(r.report["alpha"]) == {"qkv", "proj", "fc1", "fc2"}
     assert r.report["history"][0]["ilp_status"] == "optimal"
     assert len(r.report["layers"]) == 12 and set(r.report["layers"][0]["omega"]) == {"2", "3", "4", "5", "6", "8"}
@@ -197,7 +198,8 @@ def test_module_granularity_fixed_layers_and_bops(tiny_setup):
 
 def test_metric_check_and_history(tiny_setup, lampq_result):
     model, variables, images = tiny_setup
-    figures = lampq_jax.metric_check(model, variables, images, config=LampQConfig(progress=False, probes=2))
+    config = LampQConfig(progress=False, probes=2, probe_bits=3)  # the result's probe bits at its budget of 4
+    figures = lampq_jax.metric_check(model, variables, images, config=config)
     assert set(figures) == {"none", "mean", "probe"} and all(-1.0 <= r <= 1.0 for r in figures.values())
     assert figures == pytest.approx(lampq_result.report["spearman"])  # same seed, same stages
     first = lampq_result.report["history"][0]

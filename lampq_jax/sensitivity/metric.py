@@ -121,9 +121,9 @@ def alpha_by_type(
     Args:
       mode: 'probe', 'mean' or 'none'.
       types: type of each item (layer or group).
-      predicted_low: [items] ΔL̂ at the lowest candidate.
+      predicted_low: [items] ΔL̂ at the probe bits b_low.
       fisher_weight: [items] tr(F^W) (mode 'mean').
-      measured_low: {item index: measured ΔL at the lowest candidate} (mode 'probe').
+      measured_low: {item index: measured ΔL at b_low} (mode 'probe').
 
     Formulas: probe α_t = Σ_{i∈P_t} ΔL_i / Σ_{i∈P_t} ΔL̂_i; mean α_t = 1 / mean_{i∈t} tr(F^W_i); none α_t = 1.
     """

@@ -1,7 +1,8 @@
 """The type-aware α from single-unit probes (METHOD.md §3), and the metric check's Spearman figures.
 
 A unit is a layer group. Some units of each type (all of them for the metric check or α = 'layer') are
-quantized alone at the probe bits b_low and their ΔJ measured; α scales each type's predicted ΔL so that
+quantized alone at the probe bits b_low (`probe_width`: by default one candidate below the budget) and their
+ΔJ measured; α scales each type's predicted ΔL so that
 
     Ω_i(b) = α_{type(i)} · (Ω^W_i(b) + Ω^A_i(b))
 
@@ -10,13 +11,28 @@ matches what was measured (`metric.alpha_by_type`, `metric.alpha_by_unit`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Sequence
+import math
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from lampq_jax.sensitivity.fisher import FisherTraces
 from lampq_jax.sensitivity.metric import alpha_by_type, alpha_by_unit, probe_indices, spearman
+
+
+def probe_width(candidates: Sequence[int], probe_bits: Optional[int], budget: float, budget_kind: str) -> int:
+    """b_low, the bit-width of the probes: `probe_bits` when set; else the largest candidate below ⌊β⌋.
+
+    One step under the budget's whole bits is where the allocation trades bits, so α measured there ranks
+    those trades (on DINOv2-S/14 at β = 6 it turns LampQ's 1.29× uniform's error into 0.88×,
+    benchmarks/RESULTS.md). The lowest candidate (METHOD.md §4's b_low) when no candidate is below ⌊β⌋, or
+    when β is a byte count (`budget_kind='model_bytes'`), not bits.
+    """
+    if probe_bits is not None:
+        return probe_bits
+    below = [b for b in candidates if b < math.floor(budget)]
+    return max(below) if below and budget_kind != "model_bytes" else min(candidates)
 
 
 class ProbedAlpha(NamedTuple):
@@ -36,6 +52,7 @@ def probe_alpha(
     fisher: FisherTraces,
     config: Any,
     measure_alone: Callable[[dict[str, tuple[int, int]]], float],
+    b_low: int,
 ) -> ProbedAlpha:
     """α from single-unit probes (units: layer groups), and the metric check's Spearman figures.
 
@@ -43,8 +60,9 @@ def probe_alpha(
       alloc_layers: the allocated layers; a unit is a layer group (q, k, v of one attention share one).
       w_term, a_term: [layers, candidates] predicted ΔL of quantizing each layer's weights / inputs.
       fisher: the Fisher traces (the weight traces weigh α = 'mean').
-      config: a `LampQConfig` (alpha, probes, probe_bits, candidates, metric_check, progress).
+      config: a `LampQConfig` (alpha, probes, candidates, metric_check, progress).
       measure_alone: {path: (b_w, b_a)} → measured ΔJ with only those layers quantized.
+      b_low: the probe bits (`probe_width`), one of `config.candidates`.
 
     With α = 'layer' every unit is probed and scaled alone; the by-type figure is then the 'probe' one.
     """
@@ -53,14 +71,13 @@ def probe_alpha(
         units.setdefault(l.group, []).append(j)
     unit_keys = list(units)
     unit_types = [alloc_layers[units[k][0]].type for k in unit_keys]
-    b_low = config.probe_bits or config.candidates[0]
     col = config.candidates.index(b_low)
     predicted_low = np.array([(w_term[u, col] + a_term[u, col]).sum() for u in units.values()])
-    to_measure: set[int] = set()
-    if config.alpha == "probe":
-        for t in set(unit_types):
-            members = [k for k, tk in enumerate(unit_types) if tk == t]
-            to_measure.update(members[i] for i in probe_indices(len(members), config.probes))
+    probed: set[int] = set()  # the P units per type that α = 'probe' scales by
+    for t in set(unit_types):
+        members = [k for k, tk in enumerate(unit_types) if tk == t]
+        probed.update(members[i] for i in probe_indices(len(members), config.probes))
+    to_measure = set(probed) if config.alpha == "probe" else set()
     if config.metric_check or config.alpha == "layer":
         to_measure.update(range(len(unit_keys)))
     measured = {}
@@ -71,7 +88,9 @@ def probe_alpha(
     for mode in ("none", "mean", "probe"):
         if mode == "probe" and config.alpha not in ("probe", "layer") and not config.metric_check:
             continue
-        figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=measured)
+        # α = 'probe' from its P units per type only: the metric check measures the others, but does not move α
+        from_probes = {k: v for k, v in measured.items() if k in probed}
+        figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=from_probes)
     spearman_figures = {}
     if config.metric_check and len(unit_keys) >= 2:
         order = sorted(measured)
