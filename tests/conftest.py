@@ -1,9 +1,13 @@
 import functools
+import os
 
 import jax
 import pytest
 
 from lampq_jax import create_vit
+
+# The in-process CLI tests would otherwise switch jax's persistent compilation cache on for the whole session.
+os.environ["LAMPQ_COMPILE_CACHE"] = "off"
 
 
 def tiny_vit(num_layers: int = 2, **overrides):

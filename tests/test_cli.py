@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import flax.serialization
@@ -10,10 +12,10 @@ import pytest
 from conftest import randomize_head, tiny_vit
 from invented_vit import RULES, InventedBackbone
 from lampq_jax import LampQConfig, create_vit
-from lampq_jax.cli import load_calibration, main
+from lampq_jax.cli import COMPILE_CACHE_DEFAULT, compile_cache_dir, load_calibration, main
 from lampq_jax.layers import NO_ATTENTION_LINE
 
-FAST = ["--iterations", "0", "--no-progress", "--no-metric-check", "--probes", "1", "--num-calib", "8"]
+FAST = ["--iterations", "0", "--no-progress", "--probes", "1", "--num-calib", "8"]
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +320,9 @@ def test_cli_method_options_are_lampq_config_fields():
             "5",
             "--separate-wa",
             "--no-progress",
-            "--no-metric-check",
+            "--metric-check",
+            "--probe-bits",
+            "4",
             "--output",
             "features",
         ]
@@ -334,6 +338,40 @@ def test_cli_method_options_are_lampq_config_fields():
         seed=5,
         separate_weight_act_bits=True,
         progress=False,
-        metric_check=False,
+        metric_check=True,
+        probe_bits=4,
         output="features",
     )
+
+
+def test_compile_cache_folder_comes_from_the_flag_then_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("LAMPQ_COMPILE_CACHE", str(tmp_path / "env"))
+    assert compile_cache_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+    assert compile_cache_dir(None) == tmp_path / "env"
+    assert compile_cache_dir("off") is None and compile_cache_dir("") is None
+    monkeypatch.setenv("LAMPQ_COMPILE_CACHE", "OFF")
+    assert compile_cache_dir(None) is None
+    monkeypatch.delenv("LAMPQ_COMPILE_CACHE")
+    assert compile_cache_dir(None) == COMPILE_CACHE_DEFAULT.expanduser()
+
+
+def test_compile_cache_keeps_compiled_programs_between_runs(tmp_path):
+    """A fresh process with the cache on writes its compiled program there; one whose jax config already
+    names a cache keeps that one."""
+    script = (
+        "import sys, jax, jax.numpy as jnp\n"
+        "from pathlib import Path\n"
+        "from lampq_jax.cli import use_compile_cache\n"
+        "jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)\n"
+        "if sys.argv[2] == 'own': jax.config.update('jax_compilation_cache_dir', sys.argv[1] + '/own')\n"
+        "print(use_compile_cache(Path(sys.argv[1]) / 'cli'))\n"
+        "jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.ones((4, 4))).block_until_ready()\n"
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    for mode in ("cli", "own"):
+        out = subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path), mode], capture_output=True, text=True, env=env, check=True
+        )
+        assert out.stdout.strip() == str(tmp_path / mode)
+        assert any(p.is_file() for p in (tmp_path / mode).rglob("*")), f"nothing cached in {tmp_path / mode}"
+    assert not (tmp_path / "cli" / "own").exists()

@@ -158,7 +158,6 @@ def test_scenic_train_state_checkpoint_loads_through_the_cli(scenic_setup, tmp_p
             "8",
             "--iterations",
             "0",
-            "--no-metric-check",
             "--out",
             str(out),
             "--no-progress",
