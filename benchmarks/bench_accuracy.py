@@ -3,8 +3,9 @@
 Full 10,000-image test set (Debian package dataset-fashion-mnist), 32 calibration images drawn
 from held-out training images (the embedded subset), 5 calibration seeds (mean ± std), average
 budgets of 2.5, 3, 4 and 6 bits with weights and activations tied. Methods: full precision,
-uniform (integer budgets), random mixed precision, HAWQ-V3 style, VT-PTQ style, LampQ, and LampQ
-without I1 / I2 / I3. Also the metric check (Spearman) for α = none / mean / probe and the time of
+uniform (integer budgets), random mixed precision, HAWQ-V3 style, VT-PTQ style, LampQ, LampQ with α's
+probes at the lowest candidate (`lampq_low`, METHOD.md §4; the default probes one candidate below the budget),
+and LampQ without I1 / I2 / I3. Also the metric check (Spearman) for α = none / mean / probe and the time of
 each LampQ stage.
 
     python benchmarks/bench_accuracy.py [--seeds 5] [--budgets 2.5 3 4 6]
@@ -13,6 +14,7 @@ each LampQ stage.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 
@@ -27,7 +29,8 @@ from lampq_jax.data.embedded import load_embedded_model, load_embedded_subset
 from lampq_jax.data.fashion_mnist import load_fashion_mnist, normalize
 from lampq_jax.report import accuracy
 
-METHODS = ("uniform", "random", "hawq", "vtptq", "lampq", "no_i1", "no_i2", "no_i3")
+# lampq_low: LampQ with α's probes at the lowest candidate (METHOD.md §4) instead of one below the budget
+METHODS = ("uniform", "random", "hawq", "vtptq", "lampq", "lampq_low", "no_i1", "no_i2", "no_i3")
 
 
 def evaluate(dq: DynamicQuantizer, result, images, labels) -> float:
@@ -41,9 +44,11 @@ def run_method(name, model, variables, calib, budget, seed):
         return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
     if name == "random":
         return lampq_jax.quantize_random(model, variables, calib, budget=budget, seed=seed, config=base, train=False)
-    return lampq_jax.quantize(
-        model, variables, calib, budget=budget, config=lampq_jax.baseline_config(name, base), train=False
-    )
+    if name == "lampq_low":
+        config = dataclasses.replace(base, probe_bits=min(base.candidates))
+    else:
+        config = lampq_jax.baseline_config(name, base)
+    return lampq_jax.quantize(model, variables, calib, budget=budget, config=config, train=False)
 
 
 def main() -> None:
@@ -61,7 +66,7 @@ def main() -> None:
     print(f"full precision: {fp_acc:.2f} % on {len(test_images)} test images", flush=True)
 
     acc: dict[str, dict[str, list[float]]] = {}
-    spearman: dict[str, list[float]] = {"none": [], "mean": [], "probe": []}
+    spearman: dict[int, dict[str, list[float]]] = {}  # {probe bits: {α mode: [r per run]}}
     stage_times: dict[str, list[float]] = {}
     run_times: dict[str, list[float]] = {}
     dq = None
@@ -84,7 +89,7 @@ def main() -> None:
                 run_times.setdefault(name, []).append(seconds)
                 if name == "lampq":
                     for mode, r in result.report["spearman"].items():
-                        spearman[mode].append(r)
+                        spearman.setdefault(result.report["probe_bits"], {}).setdefault(mode, []).append(r)
                     for stage, t in result.timings.items():
                         stage_times.setdefault(stage, []).append(t)
                 print(
@@ -94,7 +99,7 @@ def main() -> None:
                 )
 
     summary = {b: {m: [float(np.mean(v)), float(np.std(v))] for m, v in methods.items()} for b, methods in acc.items()}
-    rho = {m: float(np.mean(v)) for m, v in spearman.items() if v}
+    rho = {bits: {m: float(np.mean(v)) for m, v in modes.items()} for bits, modes in sorted(spearman.items())}
     write_json("accuracy_fmnist.json", {"fp": fp_acc, "budgets": summary, "spearman": rho})
 
     def cell(b, m):
@@ -146,8 +151,11 @@ def main() -> None:
     lines += ["", "Goals:", ""] + [f"- {g}: {'met' if ok else '**not met**'}" for g, ok in goals]
     lines += [
         "",
-        "Metric check (Spearman of Ω at 2 bits against the measured loss increase of each layer alone, "
-        "mean over seeds): " + ", ".join(f"α = {m}: {r:.3f}" for m, r in rho.items()),
+        "Metric check (Spearman of Ω at the probe bits against the measured loss increase of each layer alone "
+        "at those bits, mean over seeds and the budgets that probe there): "
+        + "; ".join(
+            f"{bits} bits: " + ", ".join(f"α = {m}: {r:.3f}" for m, r in modes.items()) for bits, modes in rho.items()
+        ),
     ]
     lines += [
         "",

@@ -6,14 +6,15 @@ and the calibration objective J = mean (1 − cosine) on the calibration crops t
 optimizes, so the gap between the two shows over-fitting). Budgets are average weight bits of the
 allocated layers, W/A bits tied, embed / head at 8, attention matmul inputs at the budget rounded.
 
-Methods: uniform, LampQ (defaults: α = probe at the lowest candidate, the uniform assignment kept when it
-measures better), LampQ's own allocation (`keep_uniform=False`), a cheaper LampQ (`lampq_fast`: P = 2 probes
-per type and K = 1 iteration instead of 4 and 3, the uniform fallback kept), LampQ with α = layer (every unit
+Methods: uniform, LampQ (defaults: α = probe one candidate below the budget, the uniform assignment kept when
+it measures better), LampQ's own allocation (`keep_uniform=False`), `lampq_fast` (P = 2 probes per type and
+K = 1 iteration) and `lampq_full` (P = 4, K = 3), the uniform fallback kept in both, `lampq_sep` (weight and
+activation bits allocated separately, each average within the budget; `lampq_sep_own` without the fallback), LampQ with α = layer (every unit
 probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.alpha_by_unit`),
 HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, and the ablations
 without I1 / I2 / I3 (`no_i1`, ...; `no_i1_own`, ...: their own allocation, `keep_uniform=False`, to set
-beside `lampq_own`). `lampq_pb` / `lampq_pb_own`: α's probes at ⌊budget⌋ − 1 bits (≥ 2) instead of the lowest
-candidate. `lampq_check` is the default LampQ with its metric check on: every group measured alone
+beside `lampq_own`). `lampq_pb` / `lampq_pb_own`: α's probes at ⌊budget⌋ − 1 bits (≥ 2; the default since
+2026-12-06); `lampq_low` / `lampq_low_own`: at the lowest candidate (METHOD.md §4, the default before). `lampq_check` is the default LampQ with its metric check on: every group measured alone
 at the probe bits, and the row records the Spearman of Ω against that ΔJ for each α mode.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
 runs first and pays the compilations that the others then share, so the table gives draws ≥ 1 apart.
@@ -46,8 +47,12 @@ METHODS = (
     "lampq",
     "lampq_own",
     "lampq_fast",
+    "lampq_full",
+    "lampq_sep",
+    "lampq_sep_own",
     "lampq_layer",
     "lampq_check",
+    "lampq_check_low",
     "hawq",
     "vtptq",
     "random",
@@ -59,6 +64,8 @@ METHODS = (
     "no_i3_own",
     "lampq_pb",
     "lampq_pb_own",
+    "lampq_low",
+    "lampq_low_own",
 )
 STAGE_ORDER = (
     "discovery",
@@ -81,6 +88,10 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
         return dataclasses.replace(base, alpha="layer", probe_bits=probe)
     if name == "lampq_fast":
         return dataclasses.replace(base, probes=2, iterations=1)
+    if name == "lampq_full":
+        return dataclasses.replace(base, probes=4, iterations=3)
+    if name == "lampq_sep":  # weight and activation bits allocated separately, two average-bit budgets
+        return dataclasses.replace(base, separate_weight_act_bits=True)
     if name == "lampq_check":
         return dataclasses.replace(base, metric_check=True)
     if name.endswith("_pb"):  # α's probes one bit below the budget instead of at the lowest candidate
@@ -88,6 +99,9 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
         return dataclasses.replace(
             config_of(name.removesuffix("_pb"), budget, layer_probe_bits, seed), probe_bits=probe
         )
+    if name.endswith("_low"):  # α's probes at the lowest candidate (METHOD.md §4)
+        config = config_of(name.removesuffix("_low"), budget, layer_probe_bits, seed)
+        return dataclasses.replace(config, probe_bits=min(config.candidates))
     if name.endswith("_own"):
         return dataclasses.replace(
             config_of(name.removesuffix("_own"), budget, layer_probe_bits, seed), keep_uniform=False
@@ -222,7 +236,8 @@ def main() -> None:
         + ("" if args.section == "bench_real_vit_lampq" else f" (`{args.section}`)")
         + "\n\n"
         f"{args.draws} calibration draw(s) of 32 photo crops, 32 held-out evaluation crops of other photos, "
-        "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied), embed/head at 8, "
+        "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied but in `lampq_sep`), "
+        "embed/head at 8, "
         "attention inputs at the budget rounded. Figures are mean ± standard deviation over the draws; 'ratio to "
         "uniform' is (1 − cos) over uniform's in the same draw (goal ≤ 0.75). 'calibration J' is the objective on "
         "the calibration crops. 'time / uniform': seconds over uniform's in the same draw (goal ≤ 3); draw 0's "
