@@ -32,20 +32,20 @@ def parse_type_rule(text: str) -> tuple[str, str]:
 
 
 COMPILE_CACHE_ENV = "LAMPQ_COMPILE_CACHE"  # a folder, or 'off'
-COMPILE_CACHE_DEFAULT = Path("~/.cache/lampq_jax/xla")
 
 
 def compile_cache_dir(flag: Optional[str]) -> Optional[Path]:
     """Where the command keeps jax's compiled programs between runs: `--compile-cache DIR`, else
-    $LAMPQ_COMPILE_CACHE, else ~/.cache/lampq_jax/xla; None for 'off' (or '')."""
-    value = flag if flag is not None else os.environ.get(COMPILE_CACHE_ENV, str(COMPILE_CACHE_DEFAULT))
+    $LAMPQ_COMPILE_CACHE; None (no cache, the default) when neither is set, or for 'off' (or '')."""
+    value = flag if flag is not None else os.environ.get(COMPILE_CACHE_ENV, "off")
     return None if value.strip().lower() in ("", "off") else Path(value).expanduser()
 
 
 def use_compile_cache(directory: Optional[Path]) -> Optional[Path]:
-    """Turns on jax's persistent compilation cache in `directory` (made if missing), so that a second run of
-    the same model skips XLA's compiles (on DINOv2-S/14 about 10 s for each Fisher pass and 1 s for each
-    forward). A cache the user set in jax's own config wins; returns the folder in use, or None."""
+    """Turns on jax's persistent compilation cache in `directory` (made if missing): a later run reuses the
+    programs that took jax more than a second to compile. On the embedded model a second demo-sized LampQ
+    run took 33 s against 85 s; on DINOv2-S/14 the benchmark saw no gain (benchmarks/RESULTS.md,
+    bench_compile_cache). A cache the user set in jax's own config wins; returns the folder in use, or None."""
     import jax
 
     if directory is None or jax.config.jax_compilation_cache_dir:
@@ -752,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument(
             "--compile-cache",
             help=f"folder of jax's persistent compilation cache, 'off' for none (default: ${COMPILE_CACHE_ENV}, "
-            f"else {COMPILE_CACHE_DEFAULT})",
+            "else none)",
         )
     return parser
 

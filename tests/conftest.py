@@ -6,7 +6,7 @@ import pytest
 
 from lampq_jax import create_vit
 
-# The in-process CLI tests would otherwise switch jax's persistent compilation cache on for the whole session.
+# A user's $LAMPQ_COMPILE_CACHE would switch jax's persistent compilation cache on for the whole session.
 os.environ["LAMPQ_COMPILE_CACHE"] = "off"
 
 

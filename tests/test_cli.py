@@ -12,7 +12,7 @@ import pytest
 from conftest import randomize_head, tiny_vit
 from invented_vit import RULES, InventedBackbone
 from lampq_jax import LampQConfig, create_vit
-from lampq_jax.cli import COMPILE_CACHE_DEFAULT, compile_cache_dir, load_calibration, main
+from lampq_jax.cli import compile_cache_dir, load_calibration, main
 from lampq_jax.layers import NO_ATTENTION_LINE
 
 FAST = ["--iterations", "0", "--no-progress", "--probes", "1", "--num-calib", "8"]
@@ -352,7 +352,7 @@ def test_compile_cache_folder_comes_from_the_flag_then_the_environment(monkeypat
     monkeypatch.setenv("LAMPQ_COMPILE_CACHE", "OFF")
     assert compile_cache_dir(None) is None
     monkeypatch.delenv("LAMPQ_COMPILE_CACHE")
-    assert compile_cache_dir(None) == COMPILE_CACHE_DEFAULT.expanduser()
+    assert compile_cache_dir(None) is None  # off unless asked for
 
 
 def test_compile_cache_keeps_compiled_programs_between_runs(tmp_path):
