@@ -226,10 +226,13 @@ def main() -> None:
                 stage_lines.append(f"| {budget:g} | {name} | {cells} | {total_s:.0f} |")
     spearman_lines = []
     for budget in args.budgets:
-        checked = [r["spearman"] for r in rows if r["budget"] == budget and r.get("spearman")]
-        if checked:
-            modes = ", ".join(f"α = {m}: {fmt(_mean_std([c[m] for c in checked]), 3)}" for m in checked[0])
-            spearman_lines.append(f"- {budget:g} bits, {len(checked)} draw(s): {modes}")
+        for name in args.methods:
+            checked = [
+                r["spearman"] for r in rows if (r["budget"], r["method"]) == (budget, name) and r.get("spearman")
+            ]
+            if checked:
+                modes = ", ".join(f"α = {m}: {fmt(_mean_std([c[m] for c in checked]), 3)}" for m in checked[0])
+                spearman_lines.append(f"- {budget:g} bits, {name}, {len(checked)} draw(s): {modes}")
     total = time.perf_counter() - start_all
     body = (
         "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines"
@@ -246,7 +249,8 @@ def main() -> None:
         + "\n\nSeconds by stage (the result's `timings`; 'total' is the whole call):\n\n"
         + "\n".join(stage_lines)
         + (
-            "\n\nMetric check (`lampq_check`): Spearman of Ω against each group's measured ΔJ alone, "
+            "\n\nMetric check (`lampq_check`: probes one candidate below the budget; `lampq_check_low`: at the "
+            "lowest candidate): Spearman of Ω against each group's measured ΔJ alone at the probe bits, "
             "mean ± std over draws:\n\n" + "\n".join(spearman_lines)
             if spearman_lines
             else ""
