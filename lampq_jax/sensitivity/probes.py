@@ -85,12 +85,12 @@ def probe_alpha(
     for k in tqdm(sorted(to_measure), desc="single-layer probes", disable=not config.progress, leave=False):
         measured[k] = measure_alone({alloc_layers[j].path: (b_low, b_low) for j in units[unit_keys[k]]})
     fisher_w = np.array([np.mean([fisher.weight[alloc_layers[j].path] for j in u]) for u in units.values()])
+    # α = 'probe' from its P units per type only: the metric check measures the others, but does not move α
+    from_probes = {k: v for k, v in measured.items() if k in probed}
     figures = {}
     for mode in ("none", "mean", "probe"):
         if mode == "probe" and config.alpha not in ("probe", "layer") and not config.metric_check:
             continue
-        # α = 'probe' from its P units per type only: the metric check measures the others, but does not move α
-        from_probes = {k: v for k, v in measured.items() if k in probed}
         figures[mode] = alpha_by_type(mode, unit_types, predicted_low, fisher_weight=fisher_w, measured_low=from_probes)
     spearman_figures = {}
     if config.metric_check and len(unit_keys) >= 2:
