@@ -43,8 +43,8 @@ def compile_cache_dir(flag: Optional[str]) -> Optional[Path]:
 
 def use_compile_cache(directory: Optional[Path]) -> Optional[Path]:
     """Turns on jax's persistent compilation cache in `directory` (made if missing): a later run reuses the
-    programs that took jax more than a second to compile. On the embedded model a second demo-sized LampQ
-    run took 33 s against 85 s; on DINOv2-S/14 the benchmark saw no gain (benchmarks/RESULTS.md,
+    programs that took jax more than a second to compile. On the embedded model LampQ at 4MP took 28 s in a
+    second process against 36 s in the first; on DINOv2-S/14 there was no gain (benchmarks/RESULTS.md,
     bench_compile_cache). A cache the user set in jax's own config wins; returns the folder in use, or None."""
     import jax
 
