@@ -88,6 +88,11 @@ def sample_targets(outputs: jax.Array, rng: jax.Array, kind: str) -> jax.Array:
     return outputs + jax.random.normal(rng, outputs.shape, outputs.dtype)
 
 
+def _attention_of(act_params: ActivationParams) -> list[str]:
+    """The attention paths whose q·kᵀ and softmax·v inputs have calibrated ranges ('<path>/q' sites)."""
+    return sorted({site.rsplit("/", 1)[0] for site in act_params if site.endswith("/q")})
+
+
 def _adder(perturbations: dict[str, jax.Array]):
     def add(site: str, x: jax.Array) -> jax.Array:
         return x + perturbations[site].astype(x.dtype) if site in perturbations else x
@@ -108,14 +113,15 @@ def _fisher_pass(
     kwargs,
     batch_size,
     likelihood,
-    quantized,
+    traced,
     mesh,
     num_samples,
     candidates,
 ):
     """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) and input errors ({path:
     [n, candidates]} of the sites in `tables`) of the first `num_samples` samples; with a `mesh` of several
-    devices each maps its own slice of the samples (`shard_map`)."""
+    devices each maps its own slice of the samples (`shard_map`). `traced`: the model runs under `state`'s traced
+    bits (0: float), so a float pass and the passes at quantized points are one compilation."""
 
     def forward(kernels, perturbations, x):
         errors, add = {}, _adder(perturbations)
@@ -125,7 +131,7 @@ def _fisher_pass(
                 errors[site] = input_errors(jax.lax.stop_gradient(value), tables[site], candidates)[0]
             return add(site, value)
 
-        if quantized:
+        if traced:
             interceptor = dynamic_interceptor(state, ste=True, on_input=on_input)
         else:
             interceptor = site_interceptor(on_input, layer_paths=frozenset(perturbations), attention_paths=frozenset())
@@ -187,7 +193,9 @@ def fisher_traces(
       outputs: the model's outputs on `images` at this point (full precision, or `quant`), when the caller
         has them: the true Fisher's targets are drawn around them instead of running the model again.
       act_params, candidates: with both, the same forward also measures each layer's input errors at every
-        candidate (`FisherTraces.input_errors`, as `metric.activation_errors` does in a pass of its own).
+        candidate (`FisherTraces.input_errors`, as `metric.activation_errors` does in a pass of its own). With
+        them a float pass (no `quant`) runs every site at 0 bits through the traced-bits interceptor, and shares
+        its compilation with the passes at quantized points of the same model.
       mesh: the devices the samples are split over (None: all devices); each maps its own samples, with
         copies of the last sample as padding up to a multiple of the device count (left out of the mean).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
@@ -203,15 +211,19 @@ def fisher_traces(
     num_samples = int(images.shape[0])
     mesh = resolve_mesh(mesh)
     paths = [l.path for l in layers]
-    if quant is not None:
-        variables = quant.variables
-        attention = sorted({site.rsplit("/", 1)[0] for site in quant.act_params if site.endswith("/q")})
-        state = dynamic_bits(quant.act_params, attention, quant.spec.bits, dict(quant.spec.attention))
-    else:
-        state = DynamicBits({}, {}, {})
-    kernels = layer_kernels(variables, paths)
     if bool(candidates) != (act_params is not None):
         raise ValueError(f"input errors need both act_params and candidates; got candidates={tuple(candidates)}")
+    if quant is not None:
+        variables = quant.variables
+        state = dynamic_bits(
+            quant.act_params, _attention_of(quant.act_params), quant.spec.bits, dict(quant.spec.attention)
+        )
+    elif act_params is not None:  # float: every site at 0 bits, so this pass and the quantized ones share a compile
+        state = dynamic_bits(act_params, _attention_of(act_params), {})
+    else:
+        state = DynamicBits({}, {}, {})
+    traced = quant is not None or act_params is not None
+    kernels = layer_kernels(variables, paths)
     candidates = tuple(int(b) for b in candidates)
     missing = [p for p in paths if candidates and p not in act_params]
     if missing:
@@ -244,7 +256,7 @@ def fisher_traces(
         kwargs,
         batch_size=min(batch_size, num_samples),
         likelihood=likelihood,
-        quantized=quant is not None,
+        traced=traced,
         mesh=mesh if is_parallel(mesh) else None,
         num_samples=num_samples,
         candidates=candidates,
