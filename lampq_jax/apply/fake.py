@@ -38,13 +38,16 @@ from lampq_jax.quant.gptq import gptq_round
 from lampq_jax.quant.traced import softmax_dynamic
 from lampq_jax.quant.qtensor import QuantizedTensor
 from lampq_jax.quant import (
+    DEFAULT_CLIP_RATIOS,
     UniformParams,
+    as_compute,
     check_bits,
     dequantize,
     fake_quant,
     fake_quant_ste,
     num_levels,
-    quantize,
+    quantize_levels,
+    search_clipping_levels,
     search_clipping_params,
     weight_reduce_axes,
 )
@@ -127,7 +130,6 @@ def weight_grid(kernel: jax.Array, bits: int, out_axes: tuple[int, ...], grid=No
     return search_clipping_params(jax.lax.stop_gradient(kernel), bits, reduce_axes=axes, **kwargs)
 
 
-@functools.partial(jax.jit, static_argnames=("bits", "out_axes", "grid"))
 def quantize_weight(
     kernel: jax.Array,
     bits: int,
@@ -142,24 +144,37 @@ def quantize_weight(
 
     With `hessian` [in, in] (XᵀX / n of the layer's inputs, `lampq_jax.apply.hessians`), the codes are
     chosen by GPTQ on that grid (`lampq_jax.quant.gptq`); the kernel must then be [*inputs, *outputs].
-    Otherwise they round to nearest. Jitted with the bits static: kernels of one shape (every block of a
-    ViT) share one compilation.
+    Otherwise they round to nearest. Jitted with the levels 2^b − 1 traced: kernels of one shape (every block
+    of a ViT) share one compilation at every bit-width, as a mixed-precision search needs.
     """
-    params = weight_grid(kernel, bits, out_axes, grid)
-    if hessian is None:
-        return quantize(kernel, params, bits), params
-    n_in = kernel.ndim - len(out_axes)
-    if tuple(out_axes) != tuple(range(n_in, kernel.ndim)):
-        raise ValueError(f"GPTQ needs a kernel [*inputs, *outputs]; got shape {kernel.shape} with out_axes {out_axes}")
-    rows = math.prod(kernel.shape[:n_in])
-    if hessian.shape != (rows, rows):
-        raise ValueError(f"hessian of shape {hessian.shape} does not fit a kernel {kernel.shape} with {rows} inputs")
-    flat = kernel.reshape(rows, -1)
-    on_grid = gptq_round(
-        flat, hessian, params.scale.reshape(-1), params.zero_point.reshape(-1), float(num_levels(bits))
-    )
-    # GPTQ returns (q − z)·s in float32: dividing by s recovers the integer q − z exactly.
-    return quantize(on_grid.reshape(kernel.shape), params, bits), params
+    levels = float(num_levels(bits))
+    out_axes = tuple(int(a) for a in out_axes)
+    if hessian is not None:
+        n_in = kernel.ndim - len(out_axes)
+        if out_axes != tuple(range(n_in, kernel.ndim)):
+            raise ValueError(
+                f"GPTQ needs a kernel [*inputs, *outputs]; got shape {kernel.shape} with out_axes {out_axes}"
+            )
+        rows = math.prod(kernel.shape[:n_in])
+        if hessian.shape != (rows, rows):
+            raise ValueError(
+                f"hessian of shape {hessian.shape} does not fit a kernel {kernel.shape} with {rows} inputs"
+            )
+    grid = DEFAULT_CLIP_RATIOS if grid is None else tuple(grid)
+    return _quantize_weight(kernel, jnp.float32(levels), hessian, out_axes=out_axes, grid=grid)
+
+
+@functools.partial(jax.jit, static_argnames=("out_axes", "grid"))
+def _quantize_weight(kernel, levels, hessian, *, out_axes, grid):
+    """`quantize_weight` at traced `levels`."""
+    x, _ = as_compute(jax.lax.stop_gradient(kernel))
+    params = search_clipping_levels(x, levels, reduce_axes=weight_reduce_axes(kernel.ndim, out_axes), grid=grid)
+    if hessian is not None:
+        flat = x.reshape(-1, math.prod(kernel.shape[a] for a in out_axes))
+        on_grid = gptq_round(flat, hessian, params.scale.reshape(-1), params.zero_point.reshape(-1), levels)
+        # GPTQ returns (q − z)·s in float32: dividing by s recovers the integer q − z exactly.
+        x = on_grid.reshape(kernel.shape).astype(x.dtype)
+    return quantize_levels(x, params.scale.astype(x.dtype), params.zero_point.astype(x.dtype), levels), params
 
 
 def quantize_kernel(

@@ -114,6 +114,16 @@ def search_clipping_params(
     return _search_clipping_params(x, axes=axes, levels=float(levels), ratios=ratios)
 
 
+def search_clipping_levels(
+    x: jax.Array, levels: jax.typing.ArrayLike, *, reduce_axes: Axes, grid: Sequence[float] = DEFAULT_CLIP_RATIOS
+) -> UniformParams:
+    """`search_clipping_params` with `levels` = 2^b − 1 in place of the bits, so that it may be traced: one
+    compilation of a caller's jitted function then serves every bit-width. `x` in its compute dtype (`as_compute`).
+    """
+    axes = normalize_axes(x.ndim, reduce_axes, "reduce_axes")
+    return _search_levels(x, axes, levels, _check_ratios(grid), copies=1)
+
+
 @functools.partial(jax.jit, static_argnames=("axes", "levels", "ratios"))
 def _search_clipping_params(
     x: jax.Array, *, axes: tuple[int, ...], levels: float, ratios: tuple[float, ...]

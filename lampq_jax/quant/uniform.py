@@ -191,8 +191,12 @@ def quantize(x: jax.typing.ArrayLike, params: UniformParams, bits: int) -> jax.A
 
 @functools.partial(jax.jit, static_argnames=("levels",))
 def _quantize(x: jax.Array, scale: jax.Array, zero_point: jax.Array, *, levels: float) -> jax.Array:
-    codes = jnp.clip(jnp.round(x / scale) + zero_point, 0.0, levels)
-    return codes.astype(jnp.int32)
+    return quantize_levels(x, scale, zero_point, levels)
+
+
+def quantize_levels(x: jax.Array, scale: jax.Array, zero_point: jax.Array, levels: jax.typing.ArrayLike) -> jax.Array:
+    """int32 codes clip(round(x / s) + z, 0, levels) of a compute-dtype `x`; `levels` may be traced."""
+    return jnp.clip(jnp.round(x / scale) + zero_point, 0.0, levels).astype(jnp.int32)
 
 
 def dequantize(codes: jax.typing.ArrayLike, params: UniformParams) -> jax.Array:

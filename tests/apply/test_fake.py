@@ -148,3 +148,21 @@ def test_softmax_quantizer_levels_follow_bits_and_keys():
     v = jnp.array([1.0, 0.5, 0.3, 0.0])
     grad = jax.grad(lambda x: softmax_dynamic(x, jnp.int32(4), ste=True).sum())(v)
     np.testing.assert_array_equal(grad, [1, 1, 1, 0])
+
+
+def test_quantize_weight_compiles_once_per_kernel_shape_at_every_width():
+    from lampq_jax.apply.fake import _quantize_weight, quantize_weight
+    from lampq_jax.quant import quantize, search_clipping_params
+
+    kernel = jax.random.normal(jax.random.key(0), (24, 3, 5))  # a DenseGeneral kernel [in, heads, head_dim]
+    x = jax.random.normal(jax.random.key(1), (256, 24))
+    hessian = x.T @ x / 256
+    before = _quantize_weight._cache_size()
+    for bits in range(2, 9):
+        codes, grid = quantize_weight(kernel, bits, (1, 2))
+        expected = quantize(kernel, search_clipping_params(kernel, bits, reduce_axes=(0,)), bits)
+        np.testing.assert_array_equal(codes, expected)  # the traced levels round as the static ones
+        assert int(codes.max()) <= 2**bits - 1
+        gptq_codes, _ = quantize_weight(kernel, bits, (1, 2), hessian=hessian)
+        assert 0 < float(jnp.mean(gptq_codes != codes)) < 0.9  # GPTQ moves some codes on the same grid
+    assert _quantize_weight._cache_size() - before == 2  # one compile for RTN, one for GPTQ, all 7 widths
