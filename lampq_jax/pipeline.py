@@ -39,6 +39,7 @@ from lampq_jax.apply.calibration import (
 )
 from lampq_jax.apply.data_parallel import replicate, resolve_mesh
 from lampq_jax.apply.dynamic import DynamicQuantizer
+from lampq_jax.apply.prefix import PrefixRunner
 from lampq_jax.apply.hessians import input_hessians
 from lampq_jax.apply.equalize import attention_statistics, fold_key_means, fold_query_key_ratios
 from lampq_jax.config import (
@@ -507,7 +508,12 @@ def _lampq_run(
     )
     label_array = None if labels is None else jnp.asarray(labels)
 
+    # Probes skip the attention / MLP blocks before their layers (bit-identical outputs); None: the plain forward.
+    prefix = PrefixRunner.build(dq, images, 64, mesh)
+
     def outputs(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> jax.Array:
+        if prefix is not None:
+            return jnp.asarray(prefix.outputs(bits, attention))
         return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
 
     def gap(outs: jax.Array) -> float:

@@ -22,6 +22,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from lampq_jax.apply.calibration import ActivationParams
 from lampq_jax.apply.compiled import compiled
 from lampq_jax.apply.fake import QuantPoint, QuantSpec, quantize_layer
+from lampq_jax.apply.prefix import skipping_interceptor
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
 from lampq_jax.quant.traced import fake_quant_dynamic, softmax_dynamic
@@ -87,6 +88,12 @@ def dynamic_forward(model: nn.Module, kwargs: tuple):
     """The jitted `(variables, state, x) → model.apply(variables, x, **dict(kwargs))` with the bits of `state`,
     one per model and keyword set (`compiled`): the bits are traced, so a new assignment does not compile again."""
     return compiled(_dynamic_forward, static_module(model), kwargs)
+
+
+def _skipping_forward(variables, state: DynamicBits, skips, cached, x, *, model: nn.Module, kwargs: tuple):
+    record: dict[str, Any] = {}
+    with nn.intercept_methods(skipping_interceptor(dynamic_interceptor(state), skips, cached, record)):
+        return model.apply(variables, x, **dict(kwargs)), record
 
 
 def dynamic_apply(variables, state: DynamicBits, x, *, model: nn.Module, kwargs: tuple):
@@ -181,3 +188,19 @@ class DynamicQuantizer:
         variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
         state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
         return dynamic_apply(variables, state, x, model=self._static_model, kwargs=self._kwargs)
+
+    def apply_skipping(
+        self,
+        x: jax.Array,
+        bits: Mapping[str, tuple[int, int]],
+        attention_bits: Optional[Mapping[str, int]],
+        skips: Mapping[str, bool],
+        cached: Mapping[str, Any],
+    ) -> tuple[jax.Array, dict[str, Any]]:
+        """(`apply`'s output, {cut module: its output}) with each cut module in `skips` replaced by `cached[path]`
+        where its flag is set (`prefix.skipping_interceptor`); the flags are traced, so one compilation serves all."""
+        variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
+        state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
+        flags = {path: np.bool_(skip) for path, skip in skips.items()}
+        forward = compiled(_skipping_forward, self._static_model, self._kwargs)
+        return forward(variables, state, flags, dict(cached), x)
