@@ -146,6 +146,7 @@ CONFIG_FLAGS = {
     "--probes": "probes",
     "--probe-bits": "probe_bits",
     "--calibration": "calibration",
+    "--fisher-method": "fisher_method",
     "--seed": "seed",
 }
 # Switches that set a boolean field: {flag: (field, the value the switch sets)}.

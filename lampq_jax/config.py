@@ -50,6 +50,7 @@ FIELD_CHOICES = {
     "alpha": ALPHA_MODES,
     "calibration": ("mse", "percentile", "minmax"),
     "fisher": ("auto", "empirical", "true"),
+    "fisher_method": ("batched", "vmap"),
     "output": ("logits", "features"),
     "metric": ("fisher", "vtptq", "random"),
 }
@@ -97,6 +98,10 @@ class LampQConfig:
       equalize_qk: fold an exact per-channel rescaling into each attention's query / key projections so
         that q and k share their channel ranges (`lampq_jax.apply.equalize`).
       fisher: 'auto' (empirical with labels, true otherwise), 'empirical' or 'true'.
+      fisher_method: how the Fisher pass takes per-sample gradients: 'batched' (one backward per chunk, the
+        weight gradients from each layer's input and output gradient; ~1.5× faster on DINOv2-S/14) or 'vmap'
+        (`jax.vmap(jax.grad)`, the reference); equal up to float32 summation (`sensitivity.fisher_traces`).
+        'batched' runs 'vmap' where a layer is not a Dense / DenseGeneral called once (`fisher.batchable`).
       output: 'logits' or 'features' (likelihood of the true Fisher, default objective).
       batch_size: samples per vmapped chunk of the Fisher pass and per calibration batch.
       metric_check: also measure every group alone to report the metric's Spearman figure (METHOD.md §4's
@@ -135,6 +140,7 @@ class LampQConfig:
     weight_method: str = WEIGHT_METHOD_DEFAULT
     equalize_qk: bool = False
     fisher: str = "auto"
+    fisher_method: str = "batched"
     output: str = "logits"
     batch_size: int = 8
     metric_check: bool = False

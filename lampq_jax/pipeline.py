@@ -601,6 +601,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
             act_params=run.prep.act_params,
             candidates=cands,
             mesh=run.mesh,
+            method=config.fisher_method,
             **run.apply_kwargs,
         )
     bar.update()
@@ -693,6 +694,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
                 act_params=prep.act_params,
                 candidates=cands,
                 mesh=run.mesh,
+                method=config.fisher_method,
                 **run.apply_kwargs,
             )
             new_w, new_a = predicted_increase(fisher_k, layers, sens.w_err, _input_errors(fisher_k, layers))
@@ -771,6 +773,7 @@ def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, 
         "config": dataclasses.asdict(config),
         "objective": run.objective_name,
         "fisher": "empirical" if run.fisher_labels is not None else "true",
+        "fisher_method": sens.fisher.method if config.metric == "fisher" else None,
         "alpha": sens.alpha,
         "spearman": sens.spearman,
         "J_fp": run.j_fp,

@@ -6,9 +6,16 @@ For calibration samples x_n, n = 1..N, and per-sample log-likelihood ℓ_n = log
     tr(F^A_i) = (1/N) Σ_n ‖∂ℓ_n / ∂A_{i,n}‖²      (activation Fisher trace; A_{i,n}: layer i's input)
 
 ∂ℓ_n/∂A_{i,n} is the gradient with respect to a zero perturbation that the interceptor adds to
-the layer's input. Per-sample gradients come from `jax.vmap(jax.grad(...))` over chunks of
-`batch_size` samples (`jax.lax.map(..., batch_size=k)`); each sample's gradients are reduced to
-per-layer squared norms inside the mapped function, so N × |θ| is never held in memory.
+the layer's input. Per-sample gradients come, in chunks of `batch_size` samples, either
+
+- ('batched', the default) from one backward of Σ_n ℓ_n per chunk: the samples do not interact, so the
+  gradient of a zero perturbation of layer i's output is δ_{i,n} = ∂ℓ_n/∂y_{i,n} [T, K_out], and with
+  the layer's input x_{i,n} [T, K_in] (T: tokens) ∂ℓ_n/∂W_i = x_{i,n}ᵀ δ_{i,n}; or
+- ('vmap', the reference) from `jax.vmap(jax.grad(...))` of each ℓ_n (`jax.lax.map(..., batch_size=k)`).
+
+Each sample's gradients are reduced to per-layer squared norms inside the mapped function, so N × |θ| is
+never held in memory. On DINOv2-S/14 (32 crops, 2 CPU cores) a pass takes ~10 s batched and ~15 s with
+vmap, and compiles in ~9 s against ~14 s (benchmarks/RESULTS.md, `bench_fisher`).
 
 Targets y_n: the given labels (empirical Fisher), or drawn from the model's own predictive
 distribution with `rng` (true Fisher): categorical for logits, y = f(x) + ε with ε ~ N(0, I)
@@ -18,6 +25,7 @@ for features. A user `log_likelihood(output [1, ...], target) -> scalar` covers 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
@@ -41,9 +49,10 @@ from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dy
 from lampq_jax.apply.fake import QuantPoint, layer_kernels, with_kernels
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
-from lampq_jax.layers.discovery import Layer
+from lampq_jax.layers.discovery import Layer, module_path
 
 OUTPUT_KINDS = ("logits", "features")
+FISHER_METHODS = ("batched", "vmap")
 LogLikelihood = Callable[[jax.Array, jax.Array], jax.Array]
 
 
@@ -57,12 +66,14 @@ class FisherTraces:
       num_samples: N.
       input_errors: {path: [candidates] mean_n ‖Q_b(A_{i,n}) − A_{i,n}‖²}, measured in the same forward when
         `fisher_traces` is given the activation quantizers and candidates (None otherwise).
+      method: how the per-sample gradients were taken, 'batched' or 'vmap' (`fisher_traces`).
     """
 
     weight: dict[str, float]
     activation: dict[str, float]
     num_samples: int
     input_errors: Optional[dict[str, np.ndarray]] = None
+    method: str = "vmap"
 
 
 def categorical_log_likelihood(logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -100,6 +111,54 @@ def _adder(perturbations: dict[str, jax.Array]):
     return add
 
 
+def batchable(layer: Layer) -> bool:
+    """Whether one batched backward gives `layer`'s per-sample weight gradients (`fisher_traces(method='batched')`):
+    a Dense / DenseGeneral called once per forward whose input ends in the kernel's input axes and whose output
+    ends in its output axes, so that ∂ℓ_n/∂W = Σ_t x_{n,t}ᵀ δ_{n,t} over the other axes t."""
+    ndim = len(layer.weight_shape)
+    n_out = len(layer.out_axes)
+    if layer.kind not in ("dense", "dense_general") or layer.calls != 1:
+        return False
+    if tuple(a % ndim for a in layer.out_axes) != tuple(range(ndim - n_out, ndim)):
+        return False
+    in_dims, out_dims = layer.weight_shape[: ndim - n_out], layer.weight_shape[ndim - n_out :]
+    return (
+        tuple(layer.input_shape[-len(in_dims) :]) == tuple(in_dims)
+        and tuple(layer.output_shape[-n_out:]) == tuple(out_dims)
+        and len(layer.input_shape) > len(in_dims)
+    )
+
+
+def _capturing(inner, outputs: dict[str, jax.Array], captured: dict[str, jax.Array]):
+    """`inner` (an interceptor) with each layer in `outputs` adding `outputs[path]` to its output, and its input
+    as the kernel sees it (after `inner`'s fake quantization) put in `captured[path]`."""
+
+    def interceptor(next_fun, args, kwargs, context):
+        path = module_path(context.module) if context.method_name == "__call__" else None
+        if path not in outputs:
+            return inner(next_fun, args, kwargs, context)
+
+        def layer(x, *rest, **kw):
+            captured[path] = x
+            return next_fun(x, *rest, **kw) + outputs[path].astype(x.dtype)
+
+        return inner(layer, args, kwargs, context)
+
+    return interceptor
+
+
+def _chunked(fn, arrays, size: int):
+    """`fn` on consecutive chunks of `size` rows of `arrays` (a pytree [n, ...]), its [chunk, ...] results
+    concatenated back to [n, ...]; the last chunk is padded with copies of the last row, which are dropped."""
+    n = jax.tree.leaves(arrays)[0].shape[0]
+    size = min(size, n)
+    extra = -n % size
+    pad = lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], extra, axis=0)]) if extra else a
+    chunks = jax.tree.map(lambda a: pad(a).reshape(-1, size, *a.shape[1:]), arrays)
+    out = jax.lax.map(fn, chunks)
+    return jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:])[:n], out)
+
+
 def _fisher_pass(
     variables,
     kernels,
@@ -117,24 +176,33 @@ def _fisher_pass(
     mesh,
     num_samples,
     candidates,
+    batched_layers,
 ):
     """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) and input errors ({path:
     [n, candidates]} of the sites in `tables`) of the first `num_samples` samples; with a `mesh` of several
     devices each maps its own slice of the samples (`shard_map`). `traced`: the model runs under `state`'s traced
-    bits (0: float), so a float pass and the passes at quantized points are one compilation."""
+    bits (0: float), so a float pass and the passes at quantized points are one compilation.
 
-    def forward(kernels, perturbations, x):
+    `batched_layers` None: `vmap(grad)` of each sample's log-likelihood, chunks of `batch_size` samples.
+    Else ((path, K_in, K_out, output shape of one example) of every layer): one backward of Σ_n ℓ_n per chunk, with respect to zero
+    perturbations of each layer's input and output; the samples do not interact, so the gradient of the output
+    perturbation at sample n is δ_n = ∂ℓ_n/∂y_n [T, K_out], and with the layer's input x_n [T, K_in] (as the
+    kernel sees it) ∂ℓ_n/∂W = x_nᵀ δ_n."""
+
+    def forward(kernels, perturbations, x, outputs=None, captured=None):
         errors, add = {}, _adder(perturbations)
 
         def on_input(site, value):
             if site in tables:
-                errors[site] = input_errors(jax.lax.stop_gradient(value), tables[site], candidates)[0]
+                errors[site] = input_errors(jax.lax.stop_gradient(value), tables[site], candidates)
             return add(site, value)
 
         if traced:
             interceptor = dynamic_interceptor(state, ste=True, on_input=on_input)
         else:
             interceptor = site_interceptor(on_input, layer_paths=frozenset(perturbations), attention_paths=frozenset())
+        if outputs is not None:
+            interceptor = _capturing(interceptor, outputs, captured)
         with nn.intercept_methods(interceptor):
             return model.apply(with_kernels(variables, kernels), x, **dict(kwargs)), errors
 
@@ -143,14 +211,37 @@ def _fisher_pass(
 
         def log_likelihood(k, p):
             output, errors = forward(k, p, x[None])
-            return likelihood(output, y), errors
+            return likelihood(output, y), {site: e[0] for site, e in errors.items()}
 
         (g_w, g_a), errors = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(kernels, zeros)
         sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
         return sq(g_w), sq(g_a), errors
 
+    def per_chunk(chunk):
+        x, y = chunk
+        k = x.shape[0]
+        inputs = {p: jnp.zeros((k, *z.shape[1:]), z.dtype) for p, z in zeros.items()}
+        outputs = {p: jnp.zeros((k, *shape), jnp.float32) for p, _, _, shape in batched_layers}
+
+        def log_likelihood(input_p, output_p):
+            captured = {}
+            output, errors = forward(kernels, input_p, x, output_p, captured)
+            total = jnp.sum(jax.vmap(lambda o, t: likelihood(o[None], t))(output, y))
+            return total, (errors, captured)
+
+        (g_a, g_y), (errors, captured) = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(inputs, outputs)
+        per_sample_sq = lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
+        g_w = {}
+        for path, k_in, k_out, _ in batched_layers:
+            x_in = captured[path].astype(jnp.float32).reshape(k, -1, k_in)
+            grad_w = jnp.einsum("ntd,nte->nde", x_in, g_y[path].reshape(k, -1, k_out))  # [k, K_in, K_out]
+            g_w[path] = jnp.sum(jnp.square(grad_w), axis=(1, 2))
+        return g_w, {p: per_sample_sq(g) for p, g in g_a.items()}, errors
+
     def squared_norms(images, targets):  # {path: [n]} per sample, for the samples given
-        return jax.lax.map(per_sample, (images, targets), batch_size=min(batch_size, images.shape[0]))
+        if batched_layers is None:
+            return jax.lax.map(per_sample, (images, targets), batch_size=min(batch_size, images.shape[0]))
+        return _chunked(per_chunk, (images, targets), batch_size)
 
     if is_parallel(mesh):
         spec = batch_spec(mesh)
@@ -175,6 +266,7 @@ def fisher_traces(
     act_params: Optional[ActivationParams] = None,
     candidates: Sequence[int] = (),
     mesh: Optional[Mesh] = None,
+    method: str = "batched",
     **apply_kwargs: Any,
 ) -> FisherTraces:
     """Weight and activation Fisher traces of `layers`, from per-sample gradients.
@@ -198,6 +290,11 @@ def fisher_traces(
         its compilation with the passes at quantized points of the same model.
       mesh: the devices the samples are split over (None: all devices); each maps its own samples, with
         copies of the last sample as padding up to a multiple of the device count (left out of the mean).
+      method: 'batched' (one backward of Σ_n ℓ_n per chunk; the per-sample weight gradients x_nᵀ δ_n from each
+        layer's input and output gradient) or 'vmap' (`jax.vmap(jax.grad)` of each ℓ_n, the reference). Both
+        give the same traces up to float32 summation order (~1e-6 relative). 'batched' needs every layer
+        `batchable` and samples that do not interact in the forward (no batch statistics); with a layer that
+        is not, the pass runs 'vmap' (`FisherTraces.method` says which ran).
       **apply_kwargs: passed to `model.apply`, e.g. `train=False`.
 
     Returns:
@@ -205,6 +302,8 @@ def fisher_traces(
     """
     if output not in OUTPUT_KINDS:
         raise ValueError(f"output must be one of {OUTPUT_KINDS}, got {output!r}")
+    if method not in FISHER_METHODS:
+        raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     images = check_images(images)
@@ -250,6 +349,17 @@ def fisher_traces(
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
     if is_parallel(mesh):
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
+    batched_layers = None
+    if method == "batched" and all(batchable(l) for l in layers):
+        batched_layers = tuple(
+            (
+                l.path,
+                math.prod(l.weight_shape) // math.prod(l.output_shape[-len(l.out_axes) :]),
+                math.prod(l.output_shape[-len(l.out_axes) :]),
+                tuple(l.output_shape[1:]),
+            )
+            for l in layers
+        )
     fisher_pass = compiled(
         _fisher_pass,
         static_module(model),
@@ -260,6 +370,7 @@ def fisher_traces(
         mesh=mesh if is_parallel(mesh) else None,
         num_samples=num_samples,
         candidates=candidates,
+        batched_layers=batched_layers,
     )
     weight, activation, errors = jax.device_get(
         fisher_pass(
@@ -278,4 +389,5 @@ def fisher_traces(
         activation={p: float(np.mean(np.asarray(activation[p], np.float64))) for p in paths},
         num_samples=num_samples,
         input_errors={p: np.mean(np.asarray(errors[p], np.float64), axis=0) for p in paths} if candidates else None,
+        method="vmap" if batched_layers is None else "batched",
     )

@@ -196,3 +196,34 @@ def test_the_float_pass_and_quantized_passes_share_one_compilation(setup):
         fisher_traces(model, variables, images, layers, quant=quant, **common)
     passes = [fn for key, fn in compiled._table.items() if key[0] is _fisher_pass]
     assert len(passes) == 1 and passes[0]._cache_size() == 1
+
+
+def test_batched_backward_equals_vmap_grad(setup):
+    model, variables, images, labels, layers = setup
+    dense = [l for l in layers if l.kind != "conv"]  # the patch embedding is a Conv: not batchable
+    attention, act_params, spec, point = quantized_point(setup, 3)
+    for quant in (None, point):
+        common = dict(labels=labels, batch_size=4, quant=quant, act_params=act_params, candidates=(2, 4, 8))
+        batched = fisher_traces(model, variables, images, dense, **common)
+        reference = fisher_traces(model, variables, images, dense, method="vmap", **common)
+        assert (batched.method, reference.method) == ("batched", "vmap")
+        for p in reference.weight:
+            np.testing.assert_allclose(batched.weight[p], reference.weight[p], rtol=1e-5)
+            np.testing.assert_allclose(batched.activation[p], reference.activation[p], rtol=1e-5)
+            np.testing.assert_allclose(batched.input_errors[p], reference.input_errors[p], rtol=1e-5)
+    true_fisher = dict(rng=jax.random.key(3), output="features", batch_size=5)  # 6 samples: a padded last chunk
+    batched = fisher_traces(model, variables, images, dense, **true_fisher)
+    reference = fisher_traces(model, variables, images, dense, method="vmap", **true_fisher)
+    for p in reference.weight:
+        np.testing.assert_allclose(batched.weight[p], reference.weight[p], rtol=1e-5)
+
+
+def test_batched_falls_back_to_vmap_for_a_layer_it_cannot_take(setup):
+    model, variables, images, labels, layers = setup
+    from lampq_jax.sensitivity.fisher import batchable
+
+    assert [l.path for l in layers if not batchable(l)] == ["embedding"]
+    traces = fisher_traces(model, variables, images, layers, labels=labels, batch_size=6)
+    assert traces.method == "vmap" and set(traces.weight) == {l.path for l in layers}
+    with pytest.raises(ValueError, match="method must be one of \\('batched', 'vmap'\\), got 'loop'"):
+        fisher_traces(model, variables, images, layers, labels=labels, method="loop")
