@@ -26,9 +26,11 @@ def probe_width(candidates: Sequence[int], probe_bits: Optional[int], budget: fl
 
     One step under the budget's whole bits is where the allocation trades bits, so α measured there ranks
     those trades. On DINOv2-S/14 at β = 6 (3 calibration draws, benchmarks/RESULTS.md) LampQ's held-out
-    error is 0.79 ± 0.16 of uniform's this way; with METHOD.md §4's probes at the lowest candidate it keeps
-    uniform in every draw (1.00). The lowest candidate when no candidate is below ⌊β⌋, or when β is a byte
-    count (`budget_kind='model_bytes'`), not bits.
+    error was 0.79 ± 0.16 of uniform's this way (bench_real_vit_lampq_defaults); with METHOD.md §4's probes at
+    the lowest candidate it kept uniform in every draw (1.00). A later run whose Fisher traces and weight
+    scales differ only by float rounding gave 1.01 ± 0.32 (bench_real_vit_lampq_speed): the round kept by J
+    on the calibration crops decides, and it over-fits them. The lowest candidate when no candidate is below
+    ⌊β⌋, or when β is a byte count (`budget_kind='model_bytes'`), not bits.
     """
     if probe_bits is not None:
         return probe_bits
