@@ -185,9 +185,13 @@ class DynamicQuantizer:
         unknown = sorted(set(bits) - set(self._out_axes))
         if unknown:
             raise ValueError(f"unknown layer path(s) {unknown[:5]}")
-        variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
-        state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
+        variables, state = self._run_state(bits, attention_bits)
         return dynamic_apply(variables, state, x, model=self._static_model, kwargs=self._kwargs)
+
+    def _run_state(self, bits, attention_bits) -> tuple[Any, DynamicBits]:
+        """(variables with the kernels of `bits` quantized, the traced bits of `bits` and `attention_bits`)."""
+        variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
+        return variables, dynamic_bits(self.act_params, self.attention, bits, attention_bits)
 
     def apply_skipping(
         self,
@@ -199,8 +203,7 @@ class DynamicQuantizer:
     ) -> tuple[jax.Array, dict[str, Any]]:
         """(`apply`'s output, {cut module: its output}) with each cut module in `skips` replaced by `cached[path]`
         where its flag is set (`prefix.skipping_interceptor`); the flags are traced, so one compilation serves all."""
-        variables = {**dict(self.variables), "params": self.params({p: wb for p, (wb, _) in bits.items()})}
-        state = dynamic_bits(self.act_params, self.attention, bits, attention_bits)
+        variables, state = self._run_state(bits, attention_bits)
         flags = {path: np.bool_(skip) for path, skip in skips.items()}
         forward = compiled(_skipping_forward, self._static_model, self._kwargs)
         return forward(variables, state, flags, dict(cached), x)

@@ -125,6 +125,12 @@ def batchable(layer: Layer) -> bool:
     )
 
 
+def _batched_dims(layer: Layer) -> tuple[str, int, int, tuple[int, ...]]:
+    """(path, K_in, K_out, output shape of one example) of a `batchable` layer."""
+    k_out = math.prod(layer.output_shape[-len(layer.out_axes) :])
+    return layer.path, math.prod(layer.weight_shape) // k_out, k_out, tuple(layer.output_shape[1:])
+
+
 def _capturing(inner, outputs: dict[str, jax.Array], captured: dict[str, jax.Array]):
     """`inner` (an interceptor) with each layer in `outputs` adding `outputs[path]` to its output, and its input
     as the kernel sees it (after `inner`'s fake quantization) put in `captured[path]`."""
@@ -347,15 +353,7 @@ def fisher_traces(
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
     batched_layers = None
     if method == "batched" and all(batchable(l) for l in layers):
-        batched_layers = tuple(
-            (
-                l.path,
-                math.prod(l.weight_shape) // math.prod(l.output_shape[-len(l.out_axes) :]),
-                math.prod(l.output_shape[-len(l.out_axes) :]),
-                tuple(l.output_shape[1:]),
-            )
-            for l in layers
-        )
+        batched_layers = tuple(_batched_dims(l) for l in layers)
     fisher_pass = compiled(
         _fisher_pass,
         static_module(model),
