@@ -14,7 +14,9 @@ probed at `--layer-probe-bits` below the budget, `lampq_jax.sensitivity.metric.a
 HAWQ-style (α = none, K = 0), VT-PTQ-style (`baseline_config('vtptq')`), random, and the ablations
 without I1 / I2 / I3 (`no_i1`, ...; `no_i1_own`, ...: their own allocation, `keep_uniform=False`, to set
 beside `lampq_own`). `lampq_pb` / `lampq_pb_own`: α's probes at ⌊budget⌋ − 1 bits (≥ 2; the default since
-2026-12-06); `lampq_low` / `lampq_low_own`: at the lowest candidate (METHOD.md §4, the default before). `lampq_check` is the default LampQ with its metric check on: every group measured alone
+2026-12-06); `lampq_low` / `lampq_low_own`: at the lowest candidate (METHOD.md §4, the default before). `lampq_ho` /
+`lampq_ho_own` / `lampq_ho50`: J measured on a quarter (a half) of the crops, held out of calibration, GPTQ
+and the Fisher pass (`LampQConfig.holdout`). `lampq_check` is the default LampQ with its metric check on: every group measured alone
 at the probe bits, and the row records the Spearman of Ω against that ΔJ for each α mode.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
 runs first and pays the compilations that the others then share, so the table gives draws ≥ 1 apart.
@@ -66,6 +68,9 @@ METHODS = (
     "lampq_pb_own",
     "lampq_low",
     "lampq_low_own",
+    "lampq_ho",
+    "lampq_ho_own",
+    "lampq_ho50",
 )
 STAGE_ORDER = (
     "discovery",
@@ -102,6 +107,11 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
     if name.endswith("_low"):  # α's probes at the lowest candidate (METHOD.md §4)
         config = config_of(name.removesuffix("_low"), budget, layer_probe_bits, seed)
         return dataclasses.replace(config, probe_bits=min(config.candidates))
+    if name.endswith("_ho") or name.endswith("_ho50"):  # J on a quarter (half) of the crops held out of the fit
+        stem, fraction = name.rsplit("_", 1)
+        return dataclasses.replace(
+            config_of(stem, budget, layer_probe_bits, seed), holdout=0.5 if fraction == "ho50" else 0.25
+        )
     if name.endswith("_own"):
         return dataclasses.replace(
             config_of(name.removesuffix("_own"), budget, layer_probe_bits, seed), keep_uniform=False
@@ -173,6 +183,7 @@ def main() -> None:
                     "calib_J": one_minus_cos(fn, calib, ref_calib),
                     "avg_w_bits": result.report["avg_weight_bits_allocated"],
                     "best_round": result.report.get("best_round"),
+                    "search_J": result.report.get("J"),
                     "spearman": result.report.get("spearman") or None,
                     "timings": {k: round(v, 1) for k, v in result.timings.items()},
                 }

@@ -147,6 +147,7 @@ CONFIG_FLAGS = {
     "--probe-bits": "probe_bits",
     "--calibration": "calibration",
     "--fisher-method": "fisher_method",
+    "--holdout": "holdout",
     "--seed": "seed",
 }
 # Switches that set a boolean field: {flag: (field, the value the switch sets)}.

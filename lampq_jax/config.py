@@ -110,6 +110,9 @@ class LampQConfig:
       keep_uniform: also measure the uniform assignment at the budget (W b A b, b the largest candidate ≤ β;
         not for 'model_bytes') and keep it when no round's J is lower, so that the search never returns an
         allocation its own objective rates below uniform's. Off in the peer baselines (hawq, vtptq, random).
+      holdout: fraction h of the calibration images set aside for J: activation ranges, GPTQ and the Fisher
+        pass use the other round((1 − h) N), and the probes, rounds and the keep-uniform choice are measured on
+        round(h N) images they were not fitted to (a seeded permutation picks them). 0: J on the same images.
       ilp_time_limit, mip_gap: the solver's limits.
       seed: seeds the true Fisher's targets.
       progress: show progress bars.
@@ -145,6 +148,7 @@ class LampQConfig:
     batch_size: int = 8
     metric_check: bool = False
     keep_uniform: bool = True
+    holdout: float = 0.0
     ilp_time_limit: float = 30.0
     mip_gap: float = 1e-4
     seed: int = 0
@@ -174,6 +178,8 @@ class LampQConfig:
             raise ValueError(f"probe_bits={self.probe_bits} is not one of the candidates {self.candidates}")
         if self.iterations < 0:
             raise ValueError(f"iterations must be >= 0, got {self.iterations}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ValueError(f"holdout must be a fraction in [0, 1), got {self.holdout}")
         if not 0.0 <= self.damping < 1.0:
             raise ValueError(f"damping must be in [0, 1), got {self.damping}")
         for name in ("min_bits", "max_bits"):

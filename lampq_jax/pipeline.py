@@ -197,9 +197,7 @@ def _prepare(
         hessians = None
         if weight_method == "gptq":
             hessians = input_hessians(model, variables, images, layers, batch_size=calib_batch, **apply_kwargs)
-        fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
-        replicated = replicate(variables, mesh)
-        fp_outputs = jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
+        fp_outputs = float_outputs(model, variables, images, mesh, apply_kwargs)
     base = {
         "channel_types": list(channel_types),
         "minmax_types": list(minmax_types),
@@ -211,6 +209,33 @@ def _prepare(
         "gptq_layers": len(hessians or {}),
     }
     return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules, base, hessians)
+
+
+def float_outputs(model, variables, images: np.ndarray, mesh: Mesh, apply_kwargs) -> jax.Array:
+    """The full-precision model's outputs on `images` [N, ...], 64 a batch."""
+    fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
+    replicated = replicate(variables, mesh)
+    return jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
+
+
+def holdout_split(num_images: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fit indices, held-out indices) of N calibration images: round(h N) held out, picked by a permutation
+    seeded with `seed`, both sorted; with h = 0 every image is in both.
+
+    Raises:
+      ValueError: a split that leaves either part empty, naming N and h.
+    """
+    everything = np.arange(num_images)
+    if holdout == 0:
+        return everything, everything
+    held = int(round(holdout * num_images))
+    if held < 1 or held > num_images - 1:
+        raise ValueError(
+            f"holdout={holdout} of {num_images} calibration images holds out {held}; "
+            "both the fitted and the held-out part need at least one image"
+        )
+    order = np.random.default_rng(seed).permutation(num_images)
+    return np.sort(order[held:]), np.sort(order[:held])
 
 
 def _prepare_options(config: LampQConfig) -> dict[str, Any]:
@@ -438,14 +463,17 @@ class _LampQRun:
     timer: _Timer
     bar: Any  # the tqdm bar of the stages
     quantizer: DynamicQuantizer  # the model under any assignment, its quantized kernels cached
-    outputs: Any  # (layer bits, attention bits) → the model's outputs on the calibration images, quantized so
+    outputs: Any  # (layer bits, attention bits) → the model's outputs on J's images, quantized so
     gap: Any  # outputs → J(outputs) − J_fp
     j_fp: float
     budget: float
     objective_name: str
+    held_out: bool  # J is measured on calibration images that calibration, GPTQ and the Fisher pass did not see
+    split: dict[str, int]  # {'fit': images fitted to, 'J': images J is measured on}
 
     def measure(self, bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
-        """J(model quantized with `bits` and `attention` bits) − J_fp on the calibration images."""
+        """J(model quantized with `bits` and `attention` bits) − J_fp on J's images (the held-out ones with
+        `config.holdout`)."""
         return self.gap(self.outputs(bits, attention))
 
 
@@ -472,19 +500,28 @@ def _lampq_run(
         timer=timer,
         apply_kwargs=apply_kwargs,
     )
+    all_images = check_images(calib_images)
+    fit, held = holdout_split(all_images.shape[0], config.holdout, config.seed)
     prep = _prepare(
         model,
         variables,
-        calib_images,
+        all_images[fit],
         rules=rules,
         timer=timer,
         mesh=mesh,
         apply_kwargs=apply_kwargs,
         **_prepare_options(config),
     )
-    layers, images = prep.layers, prep.images
+    layers = prep.layers
+    j_images, j_fp_outputs = prep.images, prep.fp_outputs
+    if config.holdout:
+        j_images = all_images[held]
+        with timer("calibration"):
+            j_fp_outputs = float_outputs(model, prep.variables, j_images, mesh, apply_kwargs)
+    j_labels = None
     if labels is not None:
-        labels = _checked_labels(labels, images.shape[0], prep.fp_outputs, config.output)
+        labels = _checked_labels(labels, all_images.shape[0], j_fp_outputs, config.output)
+        labels, j_labels = labels[fit], labels[held]
     unknown = sorted(set(dict(config.fixed_layers)) - {l.path for l in layers})
     if unknown:
         raise ValueError(f"fixed_layers names unknown layer path(s) {unknown[:5]}")
@@ -506,20 +543,20 @@ def _lampq_run(
         apply_kwargs,
         hessians=prep.hessians,
     )
-    label_array = None if labels is None else jnp.asarray(labels)
+    label_array = None if j_labels is None else jnp.asarray(j_labels)
 
     # Probes skip the attention / MLP blocks before their layers (bit-identical outputs); None: the plain forward.
-    prefix = PrefixRunner.build(dq, images, 64, mesh)
+    prefix = PrefixRunner.build(dq, j_images, 64, mesh)
 
     def outputs(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> jax.Array:
         if prefix is not None:
             return jnp.asarray(prefix.outputs(bits, attention))
-        return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), images, 64, mesh))
+        return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), j_images, 64, mesh))
 
     def gap(outs: jax.Array) -> float:
-        return float(objective_fn(outs, prep.fp_outputs, label_array)) - j_fp
+        return float(objective_fn(outs, j_fp_outputs, label_array)) - j_fp
 
-    j_fp = float(objective_fn(prep.fp_outputs, prep.fp_outputs, label_array))
+    j_fp = float(objective_fn(j_fp_outputs, j_fp_outputs, label_array))
     bar = tqdm(total=4 + config.iterations, desc="LampQ", disable=not config.progress, leave=False)
     run = _LampQRun(
         model=model,
@@ -540,6 +577,8 @@ def _lampq_run(
         j_fp=j_fp,
         budget=budget,
         objective_name=objective_name(objective, labels_given=labels is not None, output=config.output),
+        held_out=bool(config.holdout),
+        split={"fit": len(fit), "J": len(held)},
     )
     return run, synthetic, zs_entry
 
@@ -690,7 +729,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
                 batch_size=config.batch_size,
                 output=config.output,
                 quant=point,
-                outputs=outputs,
+                outputs=None if run.held_out else outputs,  # J's outputs are on other images when held out
                 act_params=prep.act_params,
                 candidates=cands,
                 mesh=run.mesh,
@@ -778,6 +817,7 @@ def _lampq_result(run: _LampQRun, sens: _Sensitivity, best, history, synthetic, 
         "spearman": sens.spearman,
         "J_fp": run.j_fp,
         "J": best[0],
+        "J_images": run.split,
         "best_round": best[2],
         "history": history,
         "layers": rows,

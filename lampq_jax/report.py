@@ -170,9 +170,15 @@ def report_markdown(result: QuantizationResult, summary_rows: Sequence[Sequence[
     ]
     if "alpha" in r:
         objective = f" {r['objective']}" if "objective" in r else ""
+        split = r.get("J_images")
+        held = (
+            f" on {split['J']} held-out images, fitted on {split['fit']}"
+            if split and r["config"].get("holdout")
+            else ""
+        )
         parts.append(
             f"- budget: {r['budget']} ({r['budget_kind']}); Fisher: {r['fisher']}; calibration objective"
-            f"{objective} J = {r['J']:.5f} (round {r['best_round']})"
+            f"{objective} J = {r['J']:.5f} (round {r['best_round']}){held}"
         )
         probed_at = f" (probes at {r['probe_bits']} bits)" if r.get("probe_bits") else ""
         parts.append("- α per type" + probed_at + ": " + ", ".join(f"{t} {a:.3g}" for t, a in r["alpha"].items()))

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 
 import lampq_jax
+import lampq_jax.pipeline
 from lampq_jax import LampQConfig
 from lampq_jax.report import report_markdown
+from lampq_jax.sensitivity.objective import resolve_objective
 
 
 FAST = dict(progress=False, iterations=1, probes=2)
@@ -220,3 +222,30 @@ def test_alpha_layer_scales_each_unit_by_its_probe(tiny_setup):
         if probe > 0.2 * unit_omega:
             assert unit_omega == pytest.approx(probe, rel=1e-6)
     assert len({row["alpha"] for row in rows if row["type"] == "fc2"}) > 1  # per unit, not per type
+
+
+def test_holdout_measures_j_on_images_the_calibration_did_not_see(tiny_setup):
+    """With holdout h, ranges / GPTQ come from the fitted images alone, and J is the kept model's on the others."""
+    model, variables, images = tiny_setup
+    config = LampQConfig(**FAST, holdout=0.25)
+    result = lampq_jax.quantize(model, variables, images, budget=4.0, config=config)
+    fit, held = lampq_jax.pipeline.holdout_split(16, 0.25, config.seed)
+    assert result.report["J_images"] == {"fit": 12, "J": 4}
+    assert "(round " in report_markdown(result) and "on 4 held-out images, fitted on 12" in report_markdown(result)
+    assert len(set(fit) | set(held)) == 16 and not set(fit) & set(held)
+    uniform_fit = lampq_jax.quantize_uniform(model, variables, images[fit], 4)
+    for site, params in uniform_fit.quantized.act_params.items():
+        np.testing.assert_array_equal(result.quantized.act_params[site], params)
+    kl = resolve_objective("kl", labels_given=False, output="logits")
+    fp = model.apply(variables, images[held])
+    assert result.report["J"] == pytest.approx(float(kl(result.apply(images[held]), fp, None) - kl(fp, fp, None)), 1e-4)
+
+
+@pytest.mark.parametrize(
+    "holdout, message",
+    [(1.0, r"holdout must be a fraction in \[0, 1\), got 1.0"), (0.01, "holdout=0.01 of 16 calibration images")],
+)
+def test_bad_holdout_is_named(tiny_setup, holdout, message):
+    model, variables, images = tiny_setup
+    with pytest.raises(ValueError, match=message):
+        lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST, holdout=holdout))
