@@ -16,7 +16,9 @@ without I1 / I2 / I3 (`no_i1`, ...; `no_i1_own`, ...: their own allocation, `kee
 beside `lampq_own`). `lampq_pb` / `lampq_pb_own`: α's probes at ⌊budget⌋ − 1 bits (≥ 2; the default since
 2026-12-06); `lampq_low` / `lampq_low_own`: at the lowest candidate (METHOD.md §4, the default before). `lampq_ho` /
 `lampq_ho_own` / `lampq_ho50`: J measured on a quarter (a half) of the crops, held out of calibration, GPTQ
-and the Fisher pass (`LampQConfig.holdout`). `lampq_check` is the default LampQ with its metric check on: every group measured alone
+and the Fisher pass (`LampQConfig.holdout`); `uniform_ho` / `uniform_ho50`: uniform calibrated on
+the crops those fit to, the baseline of the column 'ratio to uniform on the same fitted crops'. `--resume` keeps
+the rows of an earlier run of the same section (its results json) and runs the rest. `lampq_check` is the default LampQ with its metric check on: every group measured alone
 at the probe bits, and the row records the Spearman of Ω against that ΔJ for each α mode.
 'time / uniform' divides each call's seconds by uniform's in the same draw and budget; in draw 0 uniform
 runs first and pays the compilations that the others then share, so the table gives draws ≥ 1 apart.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 import time
@@ -37,11 +40,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_json, write_section  # noqa: E402
+from common import RESULTS_DIR, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
+from lampq_jax.pipeline import holdout_split  # noqa: E402
 from lampq_jax.sensitivity.objective import cosine_objective  # noqa: E402
 
 METHODS = (
@@ -71,6 +75,8 @@ METHODS = (
     "lampq_ho",
     "lampq_ho_own",
     "lampq_ho50",
+    "uniform_ho",
+    "uniform_ho50",
 )
 STAGE_ORDER = (
     "discovery",
@@ -108,10 +114,8 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
         config = config_of(name.removesuffix("_low"), budget, layer_probe_bits, seed)
         return dataclasses.replace(config, probe_bits=min(config.candidates))
     if name.endswith("_ho") or name.endswith("_ho50"):  # J on a quarter (half) of the crops held out of the fit
-        stem, fraction = name.rsplit("_", 1)
-        return dataclasses.replace(
-            config_of(stem, budget, layer_probe_bits, seed), holdout=0.5 if fraction == "ho50" else 0.25
-        )
+        stem = name.rsplit("_", 1)[0]
+        return dataclasses.replace(config_of(stem, budget, layer_probe_bits, seed), holdout=holdout_of(name))
     if name.endswith("_own"):
         return dataclasses.replace(
             config_of(name.removesuffix("_own"), budget, layer_probe_bits, seed), keep_uniform=False
@@ -119,9 +123,17 @@ def config_of(name: str, budget: float, layer_probe_bits: int, seed: int) -> lam
     return lampq_jax.baseline_config(name, base)
 
 
+def holdout_of(name: str) -> float:
+    """The held-out fraction of a method's name: 0.5 for '…_ho50', 0.25 for '…_ho…', else 0."""
+    return 0.5 if "_ho50" in name else 0.25 if "_ho" in name else 0.0
+
+
 def run(name, model, variables, calib, budget, layer_probe_bits, seed):
     if name == "uniform":
         return lampq_jax.quantize_uniform(model, variables, calib, int(budget), train=False)
+    if name.startswith("uniform_ho"):  # uniform on the crops that `lampq_ho…` fits its quantizers to
+        fit, _ = holdout_split(len(calib), holdout_of(name), seed)
+        return lampq_jax.quantize_uniform(model, variables, calib[fit], int(budget), train=False)
     base = config_of("lampq", budget, layer_probe_bits, seed)
     if name == "random":
         return lampq_jax.quantize_random(
@@ -155,20 +167,28 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--layer-probe-bits", type=int, default=3)
     parser.add_argument("--section", default="bench_real_vit_lampq", help="RESULTS.md section (and results json)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the rows of the section's results json (an earlier run, complete or not) and run only the rest",
+    )
     args = parser.parse_args()
+    json_name = f"{args.section.removeprefix('bench_')}.json"
     start_all = time.perf_counter()
     model, variables = load_dinov2_s14()
     fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
     evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
     ref_eval = np.concatenate([np.asarray(fp_fn(evaluation[i : i + 16])) for i in range(0, 32, 16)])
 
-    rows = []
+    rows = json.loads((RESULTS_DIR / json_name).read_text())["rows"] if args.resume else []
+    done = {(r["draw"], r["budget"], r["method"]) for r in rows}
+    resumed = len(rows)
     for draw in range(args.draws):
         calib = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))
         ref_calib = np.concatenate([np.asarray(fp_fn(calib[i : i + 16])) for i in range(0, 32, 16)])
         for budget in args.budgets:
             for name in args.methods:
-                if name == "uniform" and budget != int(budget):
+                if (name.startswith("uniform") and budget != int(budget)) or (draw, budget, name) in done:
                     continue
                 start = time.perf_counter()
                 result = run(name, model, variables, calib, budget, args.layer_probe_bits, draw)
@@ -189,23 +209,27 @@ def main() -> None:
                 }
                 rows.append(row)
                 print(row, flush=True)
-                write_json(f"{args.section.removeprefix('bench_')}.json", {"rows": rows, "complete": False})
+                write_json(json_name, {"rows": rows, "complete": False})
 
     def stat(budget, name, key):
         values = [r[key] for r in rows if r["budget"] == budget and r["method"] == name]
         return (float(np.mean(values)), float(np.std(values))) if values else None
 
-    def per_draw_ratio(budget, name, key, draws):
-        """(mean, std) over `draws` of this method's `key` over uniform's in the same draw and budget."""
+    def per_draw_ratio(budget, name, key, draws, base="uniform"):
+        """(mean, std) over `draws` of this method's `key` over `base`'s in the same draw and budget."""
         pick = lambda n, d: [r[key] for r in rows if (r["budget"], r["method"], r["draw"]) == (budget, n, d)]
-        ratios = [pick(name, d)[0] / pick("uniform", d)[0] for d in draws if pick(name, d) and pick("uniform", d)]
+        ratios = [pick(name, d)[0] / pick(base, d)[0] for d in draws if pick(name, d) and pick(base, d)]
         return (float(np.mean(ratios)), float(np.std(ratios))) if ratios else None
+
+    def fitted_base(name):
+        """The uniform that is fitted to the same crops as `name` (uniform_ho… for a method with a holdout)."""
+        return {0.25: "uniform_ho", 0.5: "uniform_ho50"}.get(holdout_of(name), "uniform")
 
     fmt = lambda pair, digits: "—" if pair is None else f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}"
     lines = [
-        "| budget | method | eval 1 − cos | ratio to uniform | calibration J | seconds "
-        "| time / uniform, draw 0 | time / uniform, draws ≥ 1 |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| budget | method | eval 1 − cos | ratio to uniform | ratio to uniform on the same fitted crops "
+        "| calibration J | seconds | time / uniform, draw 0 | time / uniform, draws ≥ 1 |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for budget in args.budgets:
         for name in args.methods:
@@ -214,10 +238,11 @@ def main() -> None:
                 continue
             c, s = stat(budget, name, "calib_J"), stat(budget, name, "seconds")
             ratio = per_draw_ratio(budget, name, "eval_1mcos", range(args.draws))
+            fitted = per_draw_ratio(budget, name, "eval_1mcos", range(args.draws), fitted_base(name))
             cold = per_draw_ratio(budget, name, "seconds", [0])
             warm = per_draw_ratio(budget, name, "seconds", range(1, args.draws))
             lines.append(
-                f"| {budget:g} | {name} | {fmt(e, 4)} | {fmt(ratio, 2)} | {fmt(c, 4)} | {s[0]:.0f} "
+                f"| {budget:g} | {name} | {fmt(e, 4)} | {fmt(ratio, 2)} | {fmt(fitted, 2)} | {fmt(c, 4)} | {s[0]:.0f} "
                 f"| {'—' if cold is None else f'{cold[0]:.1f}'} | {fmt(warm, 1)} |"
             )
     stages = sorted(
@@ -266,10 +291,11 @@ def main() -> None:
             if spearman_lines
             else ""
         )
-        + f"\n\nWhole run: {total:.0f} s."
+        + f"\n\nWhole run: {total:.0f} s"
+        + (f", after {resumed} rows kept from the earlier run of this section (`--resume`)." if resumed else ".")
     )
     write_section(args.section, body, " ".join(["python benchmarks/bench_real_vit_lampq.py", *sys.argv[1:]]))
-    write_json(f"{args.section.removeprefix('bench_')}.json", {"rows": rows, "seconds": total, "complete": True})
+    write_json(json_name, {"rows": rows, "seconds": total, "complete": True})
 
 
 if __name__ == "__main__":

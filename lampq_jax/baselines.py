@@ -6,8 +6,9 @@ vtptq           VT-PTQ style: one bit-width per attention / MLP module, nuclear-
 random          random assignments that meet the same budget (`quantize_random`)
 no_i1 / no_i2 / no_i3   LampQ without per-layer granularity / the type-aware α / the iterations
 
-The peer baselines (hawq, vtptq, random) return their own allocation (`keep_uniform=False`); LampQ and its
-ablations keep the uniform assignment when it measures better (`LampQConfig.keep_uniform`).
+The peer baselines (hawq, vtptq, random) return their own allocation (`keep_uniform=False`) and choose nothing by
+J, so they calibrate on every image (`holdout=0`); LampQ and its ablations keep the uniform assignment when it
+measures better (`LampQConfig.keep_uniform`), on the images held out of the fit (`LampQConfig.holdout`).
 """
 
 from __future__ import annotations
@@ -24,8 +25,15 @@ from lampq_jax.result import QuantizationResult
 
 ABLATIONS: dict[str, dict[str, Any]] = {
     "lampq": {},
-    "hawq": {"alpha": "none", "iterations": 0, "keep_uniform": False},
-    "vtptq": {"metric": "vtptq", "granularity": "module", "alpha": "none", "iterations": 0, "keep_uniform": False},
+    "hawq": {"alpha": "none", "iterations": 0, "keep_uniform": False, "holdout": 0.0},
+    "vtptq": {
+        "metric": "vtptq",
+        "granularity": "module",
+        "alpha": "none",
+        "iterations": 0,
+        "keep_uniform": False,
+        "holdout": 0.0,
+    },
     "no_i1": {"granularity": "module"},
     "no_i2": {"alpha": "none"},
     "no_i3": {"iterations": 0},
@@ -61,7 +69,14 @@ def quantize_random(
         calib_images,
         budget=budget,
         config=dataclasses.replace(
-            config, metric="random", iterations=0, alpha="none", seed=seed, metric_check=False, keep_uniform=False
+            config,
+            metric="random",
+            iterations=0,
+            alpha="none",
+            seed=seed,
+            metric_check=False,
+            keep_uniform=False,
+            holdout=0.0,
         ),
         rules=rules,
         **apply_kwargs,
