@@ -249,3 +249,18 @@ def test_bad_holdout_is_named(tiny_setup, holdout, message):
     model, variables, images = tiny_setup
     with pytest.raises(ValueError, match=message):
         lampq_jax.quantize(model, variables, images, budget=4.0, config=LampQConfig(**FAST, holdout=holdout))
+
+
+@pytest.mark.parametrize("baseline", ["hawq", "random"])
+def test_peer_baselines_calibrate_on_every_image(tiny_setup, baseline):
+    """hawq / vtptq / random choose nothing by J, so no image is held out of their calibration."""
+    model, variables, images = tiny_setup
+    config = lampq_jax.baseline_config("hawq", LampQConfig(**FAST)) if baseline == "hawq" else LampQConfig(**FAST)
+    if baseline == "hawq":
+        result = lampq_jax.quantize(model, variables, images, budget=4.0, config=config)
+    else:
+        result = lampq_jax.quantize_random(model, variables, images, budget=4.0, config=config)
+    assert result.report["J_images"] == {"fit": 16, "J": 16}
+    uniform = lampq_jax.quantize_uniform(model, variables, images, 4)
+    for site, params in uniform.quantized.act_params.items():
+        np.testing.assert_array_equal(result.quantized.act_params[site], params)
