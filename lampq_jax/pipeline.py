@@ -232,7 +232,7 @@ def holdout_split(num_images: int, holdout: float, seed: int) -> tuple[np.ndarra
     if held < 1 or held > num_images - 1:
         raise ValueError(
             f"holdout={holdout} of {num_images} calibration images holds out {held}; "
-            "both the fitted and the held-out part need at least one image"
+            "both the fitted and the held-out part need at least one image (holdout=0 measures J on the fitted ones)"
         )
     order = np.random.default_rng(seed).permutation(num_images)
     return np.sort(order[held:]), np.sort(order[:held])
