@@ -5,7 +5,7 @@ from held-out training images (the embedded subset), 5 calibration seeds (mean �
 budgets of 2.5, 3, 4 and 6 bits with weights and activations tied. Methods: full precision,
 uniform (integer budgets), random mixed precision, HAWQ-V3 style, VT-PTQ style, LampQ, LampQ with α's
 probes at the lowest candidate (`lampq_low`, METHOD.md §4; the default probes one candidate below the budget),
-LampQ with J on the images it is fitted to (`lampq_h0`; the default `LampQConfig.holdout` holds out a quarter),
+LampQ with J on a quarter of the calibration images held out of the fit (`lampq_ho`, `LampQConfig.holdout`),
 and LampQ without I1 / I2 / I3. Also the metric check (Spearman) for α = none / mean / probe and the time of
 each LampQ stage.
 
@@ -32,9 +32,8 @@ from lampq_jax.data.fashion_mnist import load_fashion_mnist, normalize
 from lampq_jax.report import accuracy
 
 # lampq_low: LampQ with α's probes at the lowest candidate (METHOD.md §4) instead of one below the budget
-# lampq_h0: LampQ with J measured on the calibration images it is fitted to (`holdout=0`, the default before
-# 2026-12-06; the default holds out a quarter)
-METHODS = ("uniform", "random", "hawq", "vtptq", "lampq", "lampq_low", "lampq_h0", "no_i1", "no_i2", "no_i3")
+# lampq_ho: LampQ with J measured on a quarter of the calibration images, held out of the fit (`holdout=0.25`)
+METHODS = ("uniform", "random", "hawq", "vtptq", "lampq", "lampq_low", "lampq_ho", "no_i1", "no_i2", "no_i3")
 
 
 def evaluate(result, images, labels) -> float:
@@ -60,8 +59,8 @@ def run_method(name, model, variables, calib, budget, seed):
         return lampq_jax.quantize_random(model, variables, calib, budget=budget, seed=seed, config=base, train=False)
     if name == "lampq_low":
         config = dataclasses.replace(base, probe_bits=min(base.candidates))
-    elif name == "lampq_h0":
-        config = dataclasses.replace(base, holdout=0.0)
+    elif name == "lampq_ho":
+        config = dataclasses.replace(base, holdout=0.25)
     else:
         config = lampq_jax.baseline_config(name, base)
     return lampq_jax.quantize(model, variables, calib, budget=budget, config=config, train=False)

@@ -7,8 +7,9 @@ random          random assignments that meet the same budget (`quantize_random`)
 no_i1 / no_i2 / no_i3   LampQ without per-layer granularity / the type-aware α / the iterations
 
 The peer baselines (hawq, vtptq, random) return their own allocation (`keep_uniform=False`) and choose nothing by
-J, so they calibrate on every image (`holdout=0`); LampQ and its ablations keep the uniform assignment when it
-measures better (`LampQConfig.keep_uniform`), on the images held out of the fit (`LampQConfig.holdout`).
+J, so they calibrate on every image (`holdout=0` whatever the base config says); LampQ and its ablations keep
+the uniform assignment when it measures better (`LampQConfig.keep_uniform`; on held-out images with
+`LampQConfig.holdout`).
 """
 
 from __future__ import annotations

@@ -253,9 +253,11 @@ def test_bad_holdout_is_named(tiny_setup, holdout, message):
 
 @pytest.mark.parametrize("baseline", ["hawq", "random"])
 def test_peer_baselines_calibrate_on_every_image(tiny_setup, baseline):
-    """hawq / vtptq / random choose nothing by J, so no image is held out of their calibration."""
+    """hawq / vtptq / random choose nothing by J, so no image is held out of their calibration, even when the
+    base config holds some out."""
     model, variables, images = tiny_setup
-    config = lampq_jax.baseline_config("hawq", LampQConfig(**FAST)) if baseline == "hawq" else LampQConfig(**FAST)
+    base = LampQConfig(**FAST, holdout=0.25)
+    config = lampq_jax.baseline_config("hawq", base) if baseline == "hawq" else base
     if baseline == "hawq":
         result = lampq_jax.quantize(model, variables, images, budget=4.0, config=config)
     else:
