@@ -16,6 +16,10 @@ the layer's input. Per-sample gradients come, in chunks of `batch_size` samples,
 Each sample's gradients are reduced to per-layer squared norms inside the mapped function, so N × |θ| is
 never held in memory. On DINOv2-S/14 (32 crops, 72 layers, 2 CPU cores) a pass takes 12.5 s batched and
 15.1 s with vmap, and compiles in ~13 s against ~16 s (benchmarks/RESULTS.md, bench_fisher_methods).
+
+Targets y_n: the given labels (empirical Fisher), or drawn from the model's own predictive
+distribution with `rng` (true Fisher): categorical for logits, y = f(x) + ε with ε ~ N(0, I)
+for features. A user `log_likelihood(output [1, ...], target) -> scalar` covers other tasks.
 """
 
 from __future__ import annotations
