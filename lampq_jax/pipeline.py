@@ -468,7 +468,6 @@ class _LampQRun:
     j_fp: float
     budget: float
     objective_name: str
-    held_out: bool  # J is measured on calibration images that calibration, GPTQ and the Fisher pass did not see
     split: dict[str, int]  # {'fit': images fitted to, 'J': images J is measured on}
 
     def measure(self, bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> float:
@@ -577,7 +576,6 @@ def _lampq_run(
         j_fp=j_fp,
         budget=budget,
         objective_name=objective_name(objective, labels_given=labels is not None, output=config.output),
-        held_out=bool(config.holdout),
         split={"fit": len(fit), "J": len(held)},
     )
     return run, synthetic, zs_entry
@@ -729,7 +727,7 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
                 batch_size=config.batch_size,
                 output=config.output,
                 quant=point,
-                outputs=None if run.held_out else outputs,  # J's outputs are on other images when held out
+                outputs=None if config.holdout else outputs,  # J's outputs are on other images when held out
                 act_params=prep.act_params,
                 candidates=cands,
                 mesh=run.mesh,
