@@ -101,6 +101,15 @@ def test_cli_finetune_after_lampq(files, tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["run"]
 
 
+def test_cli_holdout_measures_j_on_held_out_images(files, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(args(files, out, "--budget", "4", "--holdout", "0.25")) == 0
+    assert "on 2 held-out images, fitted on 6" in (out / "report.md").read_text()
+    assert main(args(files, tmp_path / "bad", "--holdout", "1.0")) == 2
+    assert "holdout must be a fraction in [0, 1), got 1.0" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+
 def zero_shot_args(files, out, *extra):
     model = ["--checkpoint", str(files / "vit.msgpack"), "--model-config", str(files / "vit.json")]
     return ["quantize", *model, "--out", str(out), *FAST, *extra]
@@ -325,6 +334,8 @@ def test_cli_method_options_are_lampq_config_fields():
             "4",
             "--output",
             "features",
+            "--holdout",
+            "0.25",
         ]
     )
     assert _config(args) == LampQConfig(
@@ -341,6 +352,7 @@ def test_cli_method_options_are_lampq_config_fields():
         metric_check=True,
         probe_bits=4,
         output="features",
+        holdout=0.25,
     )
 
 
