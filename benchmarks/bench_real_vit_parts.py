@@ -28,6 +28,7 @@ import lampq_jax  # noqa: E402
 import lampq_jax.apply.calibration as calibration  # noqa: E402
 import lampq_jax.quant.traced as traced  # noqa: E402
 from lampq_jax.apply.dynamic import dynamic_apply, dynamic_bits  # noqa: E402
+from lampq_jax.apply.fake import layer_kernels, with_kernels  # noqa: E402
 from lampq_jax.data.fashion_mnist import load_fashion_mnist  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
 from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
@@ -56,29 +57,34 @@ def prepared_float_variables(variables, quantized):
 
 
 def part_runs(model, variables, result, images, ref, measure):
-    """{part: measure(output)} with one part quantized at the result's bits, the rest in float."""
+    """{part: measure(output)} with one part quantized as the result quantizes it, the rest in float.
+
+    A part's weights are the result's own kernels (GPTQ codes where the result has them) and its inputs the
+    result's activation grids at its bits; every other kernel is float and every other site unquantized.
+    """
     quantized = result.quantized
-    variables = prepared_float_variables(variables, quantized)
+    float_variables = prepared_float_variables(variables, quantized)
     layers, bits = quantized.layers, quantized.spec.bits
+    kernels = layer_kernels(quantized.variables, [l.path for l in layers])
     attention = [p for p, _ in quantized.spec.attention]
     attn_bits = dict(quantized.spec.attention)
-    from lampq_jax.apply.dynamic import DynamicQuantizer
 
-    dq = DynamicQuantizer(model, variables, layers, attention, quantized.act_params, dict(KWARGS))
-
-    def layers_of(t, weights=True, acts=True):
-        return {l.path: (bits[l.path][0] * weights, bits[l.path][1] * acts) for l in layers if l.type == t}
+    def layer_part(t, weights=True, acts=True):
+        paths = [l.path for l in layers if l.type == t]
+        part_variables = with_kernels(float_variables, {p: kernels[p] for p in paths} if weights else {})
+        state = dynamic_bits(quantized.act_params, attention, {p: (0, bits[p][1]) for p in paths} if acts else {})
+        return dynamic_apply(part_variables, state, images, model=model, kwargs=KWARGS)
 
     def attention_only(sites, softmax):
         state = dynamic_bits(quantized.act_params, attention, {}, attn_bits)
         site_bits = {s: (b if s.endswith(sites) else np.int32(0)) for s, b in state.site_bits.items()}
         softmax_bits = {p: (b if softmax else np.int32(0)) for p, b in state.softmax_bits.items()}
         state = state._replace(site_bits=site_bits, softmax_bits=softmax_bits)
-        return dynamic_apply(variables, state, images, model=model, kwargs=KWARGS)
+        return dynamic_apply(float_variables, state, images, model=model, kwargs=KWARGS)
 
-    runs = {t: lambda t=t: dq.apply(images, layers_of(t)) for t in ("embed", "qkv", "proj", "fc1", "fc2")}
-    runs["fc2 weights"] = lambda: dq.apply(images, layers_of("fc2", acts=False))
-    runs["fc2 inputs"] = lambda: dq.apply(images, layers_of("fc2", weights=False))
+    runs = {t: lambda t=t: layer_part(t) for t in ("embed", "qkv", "proj", "fc1", "fc2")}
+    runs["fc2 weights"] = lambda: layer_part("fc2", acts=False)
+    runs["fc2 inputs"] = lambda: layer_part("fc2", weights=False)
     if attention:
         runs["q and k"] = lambda: attention_only(("/q", "/k"), False)
         runs["v"] = lambda: attention_only(("/v",), False)
