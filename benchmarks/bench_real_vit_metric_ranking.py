@@ -16,9 +16,10 @@ perturbation (n: sample, t: token, c: channel) and input errors e_{n,t,c}(b) = Q
 - 'per channel': Σ_c mean_{n,t} g²_{ntc} · mean_n Σ_t e²_{ntc};
 - 'per element': mean_n Σ_{t,c} g²_{ntc} e²_{ntc}.
 Columns: Spearman of the activation term against the measured inputs-only ΔJ; of the tied Ω against the
-measured tied ΔJ with α = none, α = probe (P = 4 units per type, as LampQ) and the best α per type (fitted on
-every unit, what no per-type scale can beat); and of α = probe's Ω against the tied ΔJ measured on the
-evaluation crops. The last row ranks by the tied ΔJ measured on the calibration crops themselves: how well
+measured tied ΔJ with α = none, α = probe (P = 4 units per type, as LampQ), α = probe fitted apart for the
+weights and the inputs (from the same units' weights-only and inputs-only ΔJ), and the best α per type (fitted
+on every unit, what no per-type scale can beat); and of α = probe's Ω (and the apart one's) against the tied
+ΔJ measured on the evaluation crops. The last row ranks by the tied ΔJ measured on the calibration crops themselves: how well
 the measured costs of 16 crops reproduce on other photos.
 
     python benchmarks/bench_real_vit_metric_ranking.py
@@ -117,12 +118,18 @@ def by_unit(term: np.ndarray, layers, units: list[str], bits: int) -> np.ndarray
     return np.array([sum(term[j, col] for j, l in enumerate(layers) if l.group == u) for u in units])
 
 
-def scaled(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted_on) -> np.ndarray:
-    """α_t · predicted with α_t = Σ ΔJ / Σ ΔL̂ over the units `fitted_on` of each type (METHOD.md §4, 'probe')."""
+def type_alpha(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted_on) -> dict[str, float]:
+    """α_t = Σ ΔJ / Σ ΔL̂ over the units `fitted_on` of each type (METHOD.md §4, 'probe')."""
     alpha = {}
     for t in set(types):
         ks = [k for k in fitted_on if types[k] == t]
         alpha[t] = sum(max(measured[k], 0.0) for k in ks) / sum(predicted[k] for k in ks)
+    return alpha
+
+
+def scaled(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted_on) -> np.ndarray:
+    """[units] α_t · predicted, α_t from `type_alpha`."""
+    alpha = type_alpha(predicted, measured, types, fitted_on)
     return np.array([alpha[t] for t in types]) * predicted
 
 
@@ -170,14 +177,15 @@ def main() -> None:
         measured = {
             (domain, kind): np.array([r[col] for r in ceiling["curves"][domain][kind]])
             for domain in ("calibration", "evaluation (oracle)")
-            for kind in ("tied", "activations")
+            for kind in ("tied", "weights", "activations")
         }
-        tied, acts = measured["calibration", "tied"], measured["calibration", "activations"]
+        tied, weights, acts = (measured["calibration", kind] for kind in ("tied", "weights", "activations"))
         held = measured["evaluation (oracle)", "tied"]
         for name, (w, a) in estimates.items():
             w_u, a_u = by_unit(w, layers, units, bits), by_unit(a, layers, units, bits)
             omega = w_u + a_u
             probe = scaled(omega, tied, types, probed)
+            apart = scaled(w_u, weights, types, probed) + scaled(a_u, acts, types, probed)
             rows.append(
                 {
                     "bits": bits,
@@ -185,9 +193,15 @@ def main() -> None:
                     "acts": spearman(a_u, acts),
                     "none": spearman(omega, tied),
                     "probe": spearman(probe, tied),
+                    "probe_apart": spearman(apart, tied),
+                    "input_over_weight_alpha": {
+                        t: type_alpha(a_u, acts, types, probed)[t] / type_alpha(w_u, weights, types, probed)[t]
+                        for t in TYPES
+                    },
                     "best_type_alpha": spearman(scaled(omega, tied, types, range(len(units))), tied),
                     "probe_vs_held_out": spearman(probe, held),
-                    "alpha": {t: float(probe[types.index(t)] / omega[types.index(t)]) for t in TYPES},
+                    "apart_vs_held_out": spearman(apart, held),
+                    "alpha": type_alpha(omega, tied, types, probed),
                 }
             )
             within.append(
@@ -207,6 +221,9 @@ def main() -> None:
                 "acts": None,
                 "none": None,
                 "probe": None,
+                "probe_apart": None,
+                "apart_vs_held_out": None,
+                "input_over_weight_alpha": None,
                 "best_type_alpha": None,
                 "probe_vs_held_out": spearman(tied, held),
                 "alpha": None,
@@ -226,15 +243,21 @@ def main() -> None:
 
     cell = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     lines = [
-        "| bits | ranking by | inputs: Ω^A vs inputs-only ΔJ | tied, α = none | tied, α = probe | tied, best α per type "
-        "| α = probe vs ΔJ on evaluation crops | α = probe (qkv, proj, fc1, fc2) |",
-        "|---:|---|---:|---:|---:|---:|---:|---|",
+        "| bits | ranking by | inputs: Ω^A vs inputs-only ΔJ | tied, α = none | tied, α = probe | tied, α = probe "
+        "for W and A apart | tied, best α per type | α = probe vs ΔJ on evaluation crops | α apart vs ΔJ on evaluation "
+        "crops | α = probe (qkv, proj, "
+        "fc1, fc2) | α^A / α^W (qkv, proj, fc1, fc2) |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
         alphas = "—" if r["alpha"] is None else ", ".join(f"{r['alpha'][t]:.3g}" for t in TYPES)
+        ratio = r["input_over_weight_alpha"]
+        ratios = "—" if ratio is None else ", ".join(f"{ratio[t]:.3g}" for t in TYPES)
         lines.append(
             f"| {r['bits']} | {r['ranking']} | {cell(r['acts'])} | {cell(r['none'])} | {cell(r['probe'])} "
-            f"| {cell(r['best_type_alpha'])} | {cell(r['probe_vs_held_out'])} | {alphas} |"
+            f"| {cell(r['probe_apart'])} | {cell(r['best_type_alpha'])} | {cell(r['probe_vs_held_out'])} "
+            f"| {cell(r['apart_vs_held_out'])} | {alphas} "
+            f"| {ratios} |"
         )
     lines += [
         "",
