@@ -21,12 +21,12 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_real_vit_lampq import one_minus_cos  # noqa: E402
+from bench_real_vit_lampq import dinov2_and_evaluation, one_minus_cos  # noqa: E402
 from common import write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
-from lampq_jax.models.dinov2_onnx import load_dinov2_s14, normalize_imagenet  # noqa: E402
+from lampq_jax.models.dinov2_onnx import normalize_imagenet  # noqa: E402
 
 VARIANTS = {
     "defaults": {},
@@ -43,10 +43,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     args = parser.parse_args()
     start_all = time.perf_counter()
-    model, variables = load_dinov2_s14()
-    fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
-    evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
-    ref = np.concatenate([np.asarray(fp_fn(evaluation[i : i + 16])) for i in range(0, 32, 16)])
+    model, variables, _, evaluation, ref = dinov2_and_evaluation()
     rows = []
     for draw in range(args.draws):
         crops = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))

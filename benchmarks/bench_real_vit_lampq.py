@@ -40,7 +40,7 @@ import jax
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, write_json, write_section  # noqa: E402
+from common import RESULTS_DIR, batched, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
@@ -156,8 +156,16 @@ def _mean_std(values) -> tuple[float, float]:
 
 def one_minus_cos(fn, images: np.ndarray, ref: np.ndarray) -> float:
     """The calibration objective (`cosine_objective`: mean 1 − cos) of `fn` on `images` against `ref`."""
-    out = np.concatenate([np.asarray(fn(images[i : i + 16])) for i in range(0, len(images), 16)])
-    return float(cosine_objective(out, ref))
+    return float(cosine_objective(batched(fn, images, 16), ref))
+
+
+def dinov2_and_evaluation():
+    """(model, variables, its jitted float forward, the 32 evaluation crops, their float outputs): DINOv2-S/14 and
+    the held-out crops of other photos that every real-ViT comparison here scores on."""
+    model, variables = load_dinov2_s14()
+    fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
+    evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
+    return model, variables, fp_fn, evaluation, batched(fp_fn, evaluation, 16)
 
 
 def main() -> None:
@@ -175,17 +183,14 @@ def main() -> None:
     args = parser.parse_args()
     json_name = f"{args.section.removeprefix('bench_')}.json"
     start_all = time.perf_counter()
-    model, variables = load_dinov2_s14()
-    fp_fn = jax.jit(lambda x: model.apply(variables, x, train=False))
-    evaluation = normalize_imagenet(photo_crops("evaluation", 32, 224))
-    ref_eval = np.concatenate([np.asarray(fp_fn(evaluation[i : i + 16])) for i in range(0, 32, 16)])
+    model, variables, fp_fn, evaluation, ref_eval = dinov2_and_evaluation()
 
     rows = json.loads((RESULTS_DIR / json_name).read_text())["rows"] if args.resume else []
     done = {(r["draw"], r["budget"], r["method"]) for r in rows}
     resumed = len(rows)
     for draw in range(args.draws):
         calib = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))
-        ref_calib = np.concatenate([np.asarray(fp_fn(calib[i : i + 16])) for i in range(0, 32, 16)])
+        ref_calib = batched(fp_fn, calib, 16)
         for budget in args.budgets:
             for name in args.methods:
                 if (name.startswith("uniform") and budget != int(budget)) or (draw, budget, name) in done:
