@@ -45,7 +45,13 @@ from lampq_jax.apply.dynamic import dynamic_bits, dynamic_interceptor  # noqa: E
 from lampq_jax.config import LampQConfig  # noqa: E402
 from lampq_jax.quant.uniform import UniformParams, fake_quant  # noqa: E402
 from lampq_jax.sensitivity.fisher import fisher_traces, gaussian_log_likelihood, sample_targets  # noqa: E402
-from lampq_jax.sensitivity.metric import predicted_increase, probe_indices, spearman, weight_errors  # noqa: E402
+from lampq_jax.sensitivity.metric import (  # noqa: E402
+    alpha_by_type,
+    predicted_increase,
+    probe_indices,
+    spearman,
+    weight_errors,
+)
 
 CANDIDATES = LampQConfig().candidates
 BITS = (3, 4)  # probe bits of the rows; the ceiling measured (3, 4, 5, 6)
@@ -119,12 +125,8 @@ def by_unit(term: np.ndarray, layers, units: list[str], bits: int) -> np.ndarray
 
 
 def type_alpha(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted_on) -> dict[str, float]:
-    """α_t = Σ ΔJ / Σ ΔL̂ over the units `fitted_on` of each type (METHOD.md §4, 'probe')."""
-    alpha = {}
-    for t in set(types):
-        ks = [k for k in fitted_on if types[k] == t]
-        alpha[t] = sum(max(measured[k], 0.0) for k in ks) / sum(predicted[k] for k in ks)
-    return alpha
+    """α_t = Σ ΔJ / Σ ΔL̂ over the units `fitted_on` of each type: LampQ's `alpha_by_type('probe', ...)`."""
+    return alpha_by_type("probe", types, predicted, measured_low={k: float(measured[k]) for k in fitted_on})
 
 
 def scaled(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted_on) -> np.ndarray:
