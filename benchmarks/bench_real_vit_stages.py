@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, write_json, write_section  # noqa: E402
+from common import RESULTS_DIR, machine, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
@@ -35,6 +35,11 @@ def library_commit() -> str:
     return subprocess.run(
         ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
+
+
+def cpu_model() -> str:
+    """The CPU model in `common.machine()`'s description: times compare only within one."""
+    return machine().split(", ")[1]
 
 
 def main() -> None:
@@ -61,24 +66,27 @@ def main() -> None:
         "lampq_stages": result.timings,
         "J_rounds": len(result.report["history"]),
         "fisher_method": result.report.get("fisher_method"),
+        "cpu": cpu_model(),
     }
-    rows = [r for r in rows if (r["commit"], r["iterations"]) != (row["commit"], row["iterations"])] + [row]
+    same = lambda r: (r["commit"], r["iterations"], r["cpu"]) == (row["commit"], row["iterations"], row["cpu"])
+    rows = [r for r in rows if not same(r)] + [row]
     write_json("real_vit_stages.json", {"rows": rows})
     lines = [
-        "| commit | K | uniform (s) | LampQ (s) | LampQ / uniform | J measured | " + " | ".join(STAGES) + " |",
-        "|---|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES),
+        "| CPU | commit | K | uniform (s) | LampQ (s) | LampQ / uniform | J measured | " + " | ".join(STAGES) + " |",
+        "|---|---|---:|---:|---:|---:|---:|" + "---:|" * len(STAGES),
     ]
     for r in rows:
         cells = " | ".join(f"{r['lampq_stages'].get(s, 0.0):.1f}" for s in STAGES)
         lines.append(
-            f"| {r['commit']} | {r['iterations']} | {r['uniform_s']:.1f} | {r['lampq_s']:.1f} "
+            f"| {r['cpu']} | {r['commit']} | {r['iterations']} | {r['uniform_s']:.1f} | {r['lampq_s']:.1f} "
             f"| {r['lampq_s'] / r['uniform_s']:.2f} | {r['J_rounds']} | {cells} |"
         )
     body = (
         "## LampQ's stage seconds on the real ViT, per library version (rounds fixed)\n\n"
         "DINOv2-S/14, calibration draw 0 (32 crops), 4 bits average: uniform W4A4, then LampQ with its defaults "
         "but K iterations, in one fresh process per version, each run alone. 'J measured': rounds whose J was "
-        "measured, the uniform assignment included. Stage columns are LampQ's.\n\n" + "\n".join(lines)
+        "measured, the uniform assignment included. Stage columns are LampQ's. Compare seconds only between rows of "
+        "one CPU (the machine changed between sessions).\n\n" + "\n".join(lines)
     )
     write_section(
         "bench_real_vit_stages", body, " ".join(["python benchmarks/bench_real_vit_stages.py", *sys.argv[1:]])

@@ -545,12 +545,12 @@ def _lampq_run(
     label_array = None if j_labels is None else jnp.asarray(j_labels)
 
     # Probes skip the attention / MLP blocks before their layers (bit-identical outputs); None: the plain forward.
-    prefix = PrefixRunner.build(dq, j_images, 64, mesh)
+    prefix = PrefixRunner.build(dq, j_images, config.batch_size, mesh)
 
     def outputs(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> jax.Array:
         if prefix is not None:
             return jnp.asarray(prefix.outputs(bits, attention))
-        return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), j_images, 64, mesh))
+        return jnp.asarray(batched_outputs(lambda b: dq.apply(b, bits, attention), j_images, config.batch_size, mesh))
 
     def gap(outs: jax.Array) -> float:
         return float(objective_fn(outs, j_fp_outputs, label_array)) - j_fp
@@ -739,8 +739,11 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
             omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
             solution = solve(omega_w, omega_a)
             new_assignment = assignment_of(items, layers, solution.choice)
-            outputs = run.outputs({**new_assignment, **run.fixed_bits}, run.attention_bits)
-            j_value = run.gap(outputs)
+            if new_assignment == assignment:  # the bits repeat and the rounds stop: J is the last round's
+                j_value = history[-1]["J"]
+            else:
+                outputs = run.outputs({**new_assignment, **run.fixed_bits}, run.attention_bits)
+                j_value = run.gap(outputs)
         history.append(
             _round_entry(
                 k,
