@@ -7,6 +7,7 @@ import pytest
 import lampq_jax
 import lampq_jax.pipeline
 from lampq_jax import LampQConfig
+from lampq_jax.apply.dynamic import DynamicQuantizer
 from lampq_jax.report import report_markdown
 from lampq_jax.sensitivity.objective import resolve_objective
 
@@ -266,3 +267,30 @@ def test_peer_baselines_calibrate_on_every_image(tiny_setup, baseline):
     uniform = lampq_jax.quantize_uniform(model, variables, images, 4)
     for site, params in uniform.quantized.act_params.items():
         np.testing.assert_array_equal(result.quantized.act_params[site], params)
+
+
+def test_j_runs_in_batches_and_a_repeated_round_is_not_measured_again(tiny_setup, monkeypatch):
+    """J's forwards take `batch_size` images a batch; a round whose bits repeat the last round's reuses its J."""
+    model, variables, images = tiny_setup
+    fisher_traces, first = lampq_jax.pipeline.fisher_traces, []
+
+    def float_traces(*args, **kwargs):  # every round sees the float pass's traces: Ω, and so the bits, repeat
+        first.append(first[0] if first else fisher_traces(*args, **kwargs))
+        return first[-1]
+
+    apply_skipping, batches, whole_model = DynamicQuantizer.apply_skipping, [], []
+
+    def recording(self, x, bits, attention_bits, skips, cached):
+        batches.append(x.shape[0])
+        whole_model.append(len(bits) == len(self.layers))
+        return apply_skipping(self, x, bits, attention_bits, skips, cached)
+
+    monkeypatch.setattr(lampq_jax.pipeline, "fisher_traces", float_traces)
+    monkeypatch.setattr(DynamicQuantizer, "apply_skipping", recording)
+    config = LampQConfig(progress=False, probes=2, iterations=3, batch_size=4)
+    history = lampq_jax.quantize(model, variables, images, budget=4.0, config=config).report["history"]
+    rounds = [h for h in history if h["round"] != "uniform"]
+    assert [h["round"] for h in rounds] == [0, 1] and len(first) == 2
+    assert rounds[1]["bits"] == rounds[0]["bits"] and rounds[1]["J"] == rounds[0]["J"]
+    assert set(batches) == {4}  # 16 images, 4 a batch
+    assert sum(whole_model) == 4 * len(history) - 4  # round 0 and the uniform fallback, not round 1 again
