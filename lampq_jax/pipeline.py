@@ -739,7 +739,8 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
             omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
             solution = solve(omega_w, omega_a)
             new_assignment = assignment_of(items, layers, solution.choice)
-            if new_assignment == assignment:  # the bits repeat and the rounds stop: J is the last round's
+            repeated = new_assignment == assignment
+            if repeated:  # the rounds stop here, and J on the same bits and images is the last round's
                 j_value = history[-1]["J"]
             else:
                 outputs = run.outputs({**new_assignment, **run.fixed_bits}, run.attention_bits)
@@ -762,9 +763,8 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
             best, stale = (j_value, new_assignment, k), 0
         else:
             stale += 1
-        done = new_assignment == assignment or stale >= 2
         assignment = new_assignment
-        if done:
+        if repeated or stale >= 2:
             break
     return best, history
 
