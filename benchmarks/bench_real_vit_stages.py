@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS_DIR, machine, write_json, write_section  # noqa: E402
+from common import RESULTS_DIR, cpu_model, write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
@@ -35,11 +35,6 @@ def library_commit() -> str:
     return subprocess.run(
         ["git", "-C", str(folder), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
     ).stdout.strip()
-
-
-def cpu_model() -> str:
-    """The CPU model in `common.machine()`'s description: times compare only within one."""
-    return machine().split(", ")[1]
 
 
 def main() -> None:

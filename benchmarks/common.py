@@ -20,17 +20,20 @@ RESULTS_MD = ROOT / "RESULTS.md"
 RESULTS_DIR = ROOT / "results"
 
 
-def machine() -> str:
-    """'N cores, CPU model, jax version, backend' of this machine."""
-    model = platform.processor() or platform.machine()
+def cpu_model() -> str:
+    """This machine's CPU model (/proc/cpuinfo's 'model name', else what `platform` says)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return f"{os.cpu_count()} cores, {model}, jax {jax.__version__} ({jax.default_backend()})"
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    """'N cores, CPU model, jax version, backend' of this machine."""
+    return f"{os.cpu_count()} cores, {cpu_model()}, jax {jax.__version__} ({jax.default_backend()})"
 
 
 def interleaved_medians(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
