@@ -694,6 +694,9 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
 
     Round k re-measures the Fisher traces and activation errors at round k−1's quantized point, damps Ω
     towards them and solves again; it stops when the bits repeat or J has not improved for two rounds.
+    Where the next round runs whatever a round's J is (`_j_from_next_pass`), that J is taken from the outputs
+    of the next round's Fisher pass, which runs the model at the same point on the same images, instead of
+    from a forward of its own.
     """
     config, layers, prep, timer = run.config, run.alloc_layers, run.prep, run.timer
     cands = list(config.candidates)
@@ -702,16 +705,24 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
     with timer("ilp"):
         solution = solve(omega_w, omega_a)
     assignment = assignment_of(items, layers, solution.choice)
-    with timer("evaluate"):
-        outputs = run.outputs({**assignment, **run.fixed_bits}, run.attention_bits)
-        j_value = run.gap(outputs)
     history = [
-        _round_entry(
-            0, assignment, omega_w, omega_a, cands, layers, j_value, solution, ilp_seconds=solution.solve_seconds
-        )
+        _round_entry(0, assignment, omega_w, omega_a, cands, layers, None, solution, ilp_seconds=solution.solve_seconds)
     ]
+    best, stale = None, 0
+
+    def settle(j_value: float) -> None:  # the last round's J is known: keep the best, count the rounds since
+        nonlocal best, stale
+        history[-1]["J"] = j_value
+        if best is None or j_value < best[0]:
+            best, stale = (j_value, history[-1]["bits"], history[-1]["round"]), 0
+        else:
+            stale += 1
+
+    deferred = _j_from_next_pass(config, 0, stale=0)
+    if not deferred:
+        with timer("evaluate"):
+            settle(run.measure({**assignment, **run.fixed_bits}, run.attention_bits))
     run.bar.update()
-    best, stale = (j_value, assignment, 0), 0
     for k in range(1, config.iterations + 1):
         run.bar.set_postfix_str(f"iteration {k}")
         start = time.perf_counter()
@@ -727,46 +738,38 @@ def _iterate(run: _LampQRun, sens: _Sensitivity, items: Items, solve) -> tuple[t
                 batch_size=config.batch_size,
                 output=config.output,
                 quant=point,
-                outputs=None if config.holdout else outputs,  # J's outputs are on other images when held out
                 act_params=prep.act_params,
                 candidates=cands,
                 mesh=run.mesh,
                 method=config.fisher_method,
                 **run.apply_kwargs,
             )
+            if deferred:
+                settle(run.gap(jnp.asarray(fisher_k.outputs)))
             new_w, new_a = predicted_increase(fisher_k, layers, sens.w_err, _input_errors(fisher_k, layers))
             omega_w = config.damping * omega_w + (1 - config.damping) * sens.layer_alpha * new_w
             omega_a = config.damping * omega_a + (1 - config.damping) * sens.layer_alpha * new_a
             solution = solve(omega_w, omega_a)
             new_assignment = assignment_of(items, layers, solution.choice)
             repeated = new_assignment == assignment
+            history.append(_round_entry(k, new_assignment, omega_w, omega_a, cands, layers, None, solution))
+            deferred = not repeated and _j_from_next_pass(config, k, stale)
             if repeated:  # the rounds stop here, and J on the same bits and images is the last round's
-                j_value = history[-1]["J"]
-            else:
-                outputs = run.outputs({**new_assignment, **run.fixed_bits}, run.attention_bits)
-                j_value = run.gap(outputs)
-        history.append(
-            _round_entry(
-                k,
-                new_assignment,
-                omega_w,
-                omega_a,
-                cands,
-                layers,
-                j_value,
-                solution,
-                seconds=time.perf_counter() - start,
-            )
-        )
+                settle(history[-2]["J"])
+            elif not deferred:
+                settle(run.measure({**new_assignment, **run.fixed_bits}, run.attention_bits))
+        history[-1]["seconds"] = time.perf_counter() - start
         run.bar.update()
-        if j_value < best[0]:
-            best, stale = (j_value, new_assignment, k), 0
-        else:
-            stale += 1
         assignment = new_assignment
         if repeated or stale >= 2:
             break
     return best, history
+
+
+def _j_from_next_pass(config: LampQConfig, k: int, stale: int) -> bool:
+    """Whether round k's J can wait for round k + 1's Fisher pass: that round runs whatever the J is (k < K and,
+    with J no better, fewer than two stale rounds), and its pass runs on J's images (no holdout)."""
+    return k < config.iterations and stale == 0 and not config.holdout
 
 
 def _keep_uniform(run: _LampQRun, items: Items, best, history: list) -> tuple[tuple[float, dict, Any], list]:

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 
@@ -269,14 +270,17 @@ def test_peer_baselines_calibrate_on_every_image(tiny_setup, baseline):
         np.testing.assert_array_equal(result.quantized.act_params[site], params)
 
 
-def test_j_runs_in_batches_and_a_repeated_round_is_not_measured_again(tiny_setup, monkeypatch):
-    """J's forwards take `batch_size` images a batch; a round whose bits repeat the last round's reuses its J."""
+def test_j_runs_in_batches_and_comes_from_the_next_fisher_pass_or_the_last_round(tiny_setup, monkeypatch):
+    """J's forwards take `batch_size` images a batch; round 0's J comes from round 1's Fisher pass (same point, same
+    images) with no forward of its own, and equals the J that a forward measures; a round whose bits repeat the last
+    round's reuses its J."""
     model, variables, images = tiny_setup
-    fisher_traces, first = lampq_jax.pipeline.fisher_traces, []
+    fisher_traces, passes = lampq_jax.pipeline.fisher_traces, []
 
-    def float_traces(*args, **kwargs):  # every round sees the float pass's traces: Ω, and so the bits, repeat
-        first.append(first[0] if first else fisher_traces(*args, **kwargs))
-        return first[-1]
+    def float_traces(*args, **kwargs):  # every round sees the float pass's traces (its own outputs): the bits repeat
+        traces = fisher_traces(*args, **kwargs)
+        passes.append(traces if not passes else dataclasses.replace(passes[0], outputs=traces.outputs))
+        return passes[-1]
 
     apply_skipping, batches, whole_model = DynamicQuantizer.apply_skipping, [], []
 
@@ -290,7 +294,12 @@ def test_j_runs_in_batches_and_a_repeated_round_is_not_measured_again(tiny_setup
     config = LampQConfig(progress=False, probes=2, iterations=3, batch_size=4)
     history = lampq_jax.quantize(model, variables, images, budget=4.0, config=config).report["history"]
     rounds = [h for h in history if h["round"] != "uniform"]
-    assert [h["round"] for h in rounds] == [0, 1] and len(first) == 2
+    assert [h["round"] for h in rounds] == [0, 1] and len(passes) == 2
     assert rounds[1]["bits"] == rounds[0]["bits"] and rounds[1]["J"] == rounds[0]["J"]
     assert set(batches) == {4}  # 16 images, 4 a batch
-    assert sum(whole_model) == 4 * len(history) - 4  # round 0 and the uniform fallback, not round 1 again
+    assert sum(whole_model) == 4 * (len(history) - 2)  # the uniform fallback only: no forward for round 0 or 1
+    whole_model.clear()
+    no_rounds = dataclasses.replace(config, iterations=0)
+    alone = lampq_jax.quantize(model, variables, images, budget=4.0, config=no_rounds).report["history"]
+    assert alone[0]["bits"] == rounds[0]["bits"] and sum(whole_model) >= 4  # here J(round 0) is a forward
+    np.testing.assert_allclose(rounds[0]["J"], alone[0]["J"], rtol=1e-4)

@@ -45,7 +45,7 @@ from lampq_jax.apply.data_parallel import (
     shard_batch,
     shard_map_compat,
 )
-from lampq_jax.apply.dynamic import DynamicBits, dynamic_apply, dynamic_bits, dynamic_interceptor
+from lampq_jax.apply.dynamic import DynamicBits, dynamic_bits, dynamic_interceptor
 from lampq_jax.apply.fake import QuantPoint, layer_kernels, with_kernels
 from lampq_jax.apply.sites import site_interceptor
 from lampq_jax.apply.static import static_module
@@ -67,6 +67,9 @@ class FisherTraces:
       input_errors: {path: [candidates] mean_n ‖Q_b(A_{i,n}) − A_{i,n}‖²}, measured in the same forward when
         `fisher_traces` is given the activation quantizers and candidates (None otherwise).
       method: how the per-sample gradients were taken, 'batched' or 'vmap' (`fisher_traces`).
+      outputs: [N, ...] the model's outputs on the images at the pass's point, from the pass's own forward
+        (fake-quantized with straight-through gradients at a quantized point: the same values up to float
+        rounding), so a caller needs no forward of its own for them.
     """
 
     weight: dict[str, float]
@@ -74,6 +77,7 @@ class FisherTraces:
     num_samples: int
     input_errors: Optional[dict[str, np.ndarray]] = None
     method: str = "vmap"
+    outputs: Optional[np.ndarray] = None
 
 
 def categorical_log_likelihood(logits: jax.Array, label: jax.Array) -> jax.Array:
@@ -86,6 +90,23 @@ def gaussian_log_likelihood(output: jax.Array, target: jax.Array) -> jax.Array:
     return -0.5 * jnp.sum((target.reshape(output.shape) - output) ** 2)
 
 
+def target_noise(rng: jax.Array, shape: Sequence[int], dtype: Any, kind: str) -> jax.Array:
+    """The randomness of the true Fisher's targets for outputs of `shape` [N, ...]: Gumbel noise g [N, classes]
+    ('logits') or ε ~ N(0, I) of `shape` ('features'); `targets_from` turns it into targets."""
+    if kind == "logits":
+        return jax.random.gumbel(rng, (shape[0], math.prod(shape[1:])), dtype)
+    return jax.random.normal(rng, tuple(shape), dtype)
+
+
+def targets_from(outputs: jax.Array, noise: jax.Array, kind: str) -> jax.Array:
+    """True-Fisher targets around `outputs` [n, ...] with `noise` (`target_noise`'s rows of those samples):
+    'logits' → y_n = argmax(outputs_n + g_n), a draw from Categorical(softmax(outputs_n)) (Gumbel-max);
+    'features' → y_n = outputs_n + ε_n."""
+    if kind == "logits":
+        return jnp.argmax(outputs.reshape(outputs.shape[0], -1) + noise, axis=-1)
+    return outputs + noise.astype(outputs.dtype)
+
+
 def sample_targets(outputs: jax.Array, rng: jax.Array, kind: str) -> jax.Array:
     """True-Fisher targets from the model's own predictive distribution.
 
@@ -93,10 +114,10 @@ def sample_targets(outputs: jax.Array, rng: jax.Array, kind: str) -> jax.Array:
       outputs: [N, ...] model outputs; logits [N, classes] for kind='logits'.
       rng: a jax PRNG key.
       kind: 'logits' → y_n ~ Categorical(softmax(outputs_n)); 'features' → y_n = outputs_n + ε_n, ε ~ N(0, I).
+
+    The same draws as `fisher_traces` makes inside its pass when it is given no outputs (`targets_from`).
     """
-    if kind == "logits":
-        return jax.random.categorical(rng, outputs.reshape(outputs.shape[0], -1), axis=-1)
-    return outputs + jax.random.normal(rng, outputs.shape, outputs.dtype)
+    return targets_from(outputs, target_noise(rng, outputs.shape, outputs.dtype, kind), kind)
 
 
 def _attention_of(act_params: ActivationParams) -> list[str]:
@@ -183,11 +204,14 @@ def _fisher_pass(
     num_samples,
     candidates,
     batched_layers,
+    draw,
 ):
-    """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs) and input errors ({path:
-    [n, candidates]} of the sites in `tables`) of the first `num_samples` samples; with a `mesh` of several
-    devices each maps its own slice of the samples (`shard_map`). `traced`: the model runs under `state`'s traced
-    bits (0: float), so a float pass and the passes at quantized points are one compilation.
+    """Per-sample squared gradient norms ({path: [n]} of the weights, of the inputs), input errors ({path:
+    [n, candidates]} of the sites in `tables`) and the model's outputs [n, ...] of the first `num_samples`
+    samples; with a `mesh` of several devices each maps its own slice of the samples (`shard_map`). `traced`: the
+    model runs under `state`'s traced bits (0: float), so a float pass and the passes at quantized points are one
+    compilation. `draw` None: `targets` are the targets; 'logits' / 'features': they are `target_noise`, and the
+    targets are drawn around the pass's own outputs (`targets_from`), so no forward runs before the pass.
 
     `batched_layers` None: `vmap(grad)` of each sample's log-likelihood, chunks of `batch_size` samples.
     Else ((path, K_in, K_out, output shape of one example) of every layer): one backward of Σ_n ℓ_n per chunk, with respect to zero
@@ -212,16 +236,20 @@ def _fisher_pass(
         with nn.intercept_methods(interceptor):
             return model.apply(with_kernels(variables, kernels), x, **dict(kwargs)), errors
 
+    def targets_of(output, y):  # [n, ...] outputs, [n, ...] targets or noise → [n, ...] targets
+        return y if draw is None else targets_from(jax.lax.stop_gradient(output), y, draw)
+
     def per_sample(sample):
         x, y = sample
 
         def log_likelihood(k, p):
             output, errors = forward(k, p, x[None])
-            return likelihood(output, y), {site: e[0] for site, e in errors.items()}
+            target = targets_of(output, y[None])[0]
+            return likelihood(output, target), ({site: e[0] for site, e in errors.items()}, output[0])
 
-        (g_w, g_a), errors = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(kernels, zeros)
+        (g_w, g_a), (errors, output) = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(kernels, zeros)
         sq = lambda tree: {p: jnp.sum(jnp.square(g.astype(jnp.float32))) for p, g in tree.items()}
-        return sq(g_w), sq(g_a), errors
+        return sq(g_w), sq(g_a), errors, output
 
     def per_chunk(chunk):
         x, y = chunk
@@ -232,17 +260,18 @@ def _fisher_pass(
         def log_likelihood(input_p, output_p):
             captured = {}
             output, errors = forward(kernels, input_p, x, output_p, captured)
-            total = jnp.sum(jax.vmap(lambda o, t: likelihood(o[None], t))(output, y))
-            return total, (errors, captured)
+            total = jnp.sum(jax.vmap(lambda o, t: likelihood(o[None], t))(output, targets_of(output, y)))
+            return total, (errors, captured, output)
 
-        (g_a, g_y), (errors, captured) = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)(inputs, outputs)
+        grad = jax.grad(log_likelihood, argnums=(0, 1), has_aux=True)
+        (g_a, g_y), (errors, captured, output) = grad(inputs, outputs)
         per_sample_sq = lambda g: jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim)))
         g_w = {}
         for path, k_in, k_out, _ in batched_layers:
             x_in = captured[path].astype(jnp.float32).reshape(k, -1, k_in)
             grad_w = jnp.einsum("ntd,nte->nde", x_in, g_y[path].reshape(k, -1, k_out))  # [k, K_in, K_out]
             g_w[path] = jnp.sum(jnp.square(grad_w), axis=(1, 2))
-        return g_w, {p: per_sample_sq(g) for p, g in g_a.items()}, errors
+        return g_w, {p: per_sample_sq(g) for p, g in g_a.items()}, errors, output
 
     def squared_norms(images, targets):  # {path: [n]} per sample, for the samples given
         if batched_layers is None:
@@ -252,8 +281,7 @@ def _fisher_pass(
     if is_parallel(mesh):
         spec = batch_spec(mesh)
         squared_norms = shard_map_compat(squared_norms, mesh, in_specs=(spec, spec), out_specs=spec)
-    first = lambda tree: {p: v[:num_samples] for p, v in tree.items()}
-    return tuple(first(tree) for tree in squared_norms(images, targets))
+    return jax.tree.map(lambda v: v[:num_samples], squared_norms(images, targets))
 
 
 def fisher_traces(
@@ -289,7 +317,8 @@ def fisher_traces(
       quant: a `QuantPoint` to measure at the quantized point (weights and activations
         fake-quantized, straight-through gradients), as the iterative updates need.
       outputs: the model's outputs on `images` at this point (full precision, or `quant`), when the caller
-        has them: the true Fisher's targets are drawn around them instead of running the model again.
+        has them: the true Fisher's targets are drawn around them. None: they are drawn inside the pass around
+        its own outputs, with the same draws (`sample_targets`, `targets_from`).
       act_params, candidates: with both, the same forward also measures each layer's input errors at every
         candidate (`FisherTraces.input_errors`, as `metric.activation_errors` does in a pass of its own). With
         them a float pass (no `quant`) runs every site at 0 bits through the traced-bits interceptor, and shares
@@ -338,6 +367,7 @@ def fisher_traces(
     kwargs = tuple(sorted(apply_kwargs.items()))
     variables, kernels, zeros, state = replicate((variables, kernels, zeros, state), mesh)
 
+    draw = None
     if labels is not None:
         targets = np.asarray(labels)
         if targets.shape[0] != num_samples:
@@ -345,13 +375,14 @@ def fisher_traces(
     else:
         if rng is None:
             raise ValueError("the true Fisher (labels=None) needs rng, a jax.random key")
-        if outputs is None:
-            outputs = dynamic_apply(
-                variables, state, shard_batch(images, mesh), model=static_module(model), kwargs=kwargs
-            )
+        if outputs is None:  # drawn in the pass, around its own outputs
+            draw = output
+            out = jax.eval_shape(lambda v, x: model.apply(v, x, **apply_kwargs), variables, images[:1])
+            targets = np.asarray(target_noise(rng, (num_samples, *out.shape[1:]), out.dtype, output))
         elif outputs.shape[0] != num_samples:
             raise ValueError(f"outputs have {outputs.shape[0]} rows for {num_samples} images")
-        targets = np.asarray(sample_targets(jnp.asarray(outputs), rng, output))
+        else:
+            targets = np.asarray(sample_targets(jnp.asarray(outputs), rng, output))
     likelihood = log_likelihood or (categorical_log_likelihood if output == "logits" else gaussian_log_likelihood)
     if is_parallel(mesh):
         images, targets = (pad_to_multiple(a, mesh.size) for a in (images, targets))
@@ -369,8 +400,9 @@ def fisher_traces(
         num_samples=num_samples,
         candidates=candidates,
         batched_layers=batched_layers,
+        draw=draw,
     )
-    weight, activation, errors = jax.device_get(
+    weight, activation, errors, pass_outputs = jax.device_get(
         fisher_pass(
             variables,
             kernels,
@@ -388,4 +420,5 @@ def fisher_traces(
         num_samples=num_samples,
         input_errors={p: np.mean(np.asarray(errors[p], np.float64), axis=0) for p in paths} if candidates else None,
         method="vmap" if batched_layers is None else "batched",
+        outputs=np.asarray(pass_outputs),
     )

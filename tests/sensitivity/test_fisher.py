@@ -140,7 +140,9 @@ def test_fisher_at_a_quantized_point(setup):
     assert max(rel) > 0.01  # the quantized point has its own sensitivities
 
 
-def test_given_outputs_replace_the_targets_forward(setup):
+def test_targets_drawn_in_the_pass_equal_those_around_given_outputs(setup):
+    """Without outputs the pass draws its targets around its own outputs (no forward before it) with the same
+    noise as `sample_targets` around given outputs, and returns those outputs."""
     model, variables, images, _, layers = setup
     attention, act_params, spec, point = quantized_point(setup, 4)
     for quant in (None, point):
@@ -154,10 +156,16 @@ def test_given_outputs_replace_the_targets_forward(setup):
             kwargs=(),
         )
         run = lambda **kw: fisher_traces(
-            model, variables, images, layers, rng=jax.random.key(0), batch_size=6, quant=quant, **kw
+            model, variables, images, layers, rng=jax.random.key(0), batch_size=4, quant=quant, **kw
         )
         own, given = run(), run(outputs=outputs)
-        assert own.weight == given.weight and own.activation == given.activation
+        np.testing.assert_allclose(own.outputs, outputs, rtol=1e-5, atol=1e-6)
+        assert own.weight == given.weight and own.activation == given.activation  # the same classes drawn
+        features = lambda **kw: run(output="features", **kw)
+        own_f, given_f = features(), features(outputs=outputs)
+        for p in own_f.weight:  # y = f + ε: the pass's f and the given f differ by float rounding only
+            np.testing.assert_allclose(own_f.weight[p], given_f.weight[p], rtol=1e-4)
+            np.testing.assert_allclose(own_f.activation[p], given_f.activation[p], rtol=1e-4)
         shifted = run(outputs=outputs[::-1])  # the targets are drawn from the given outputs
         assert shifted.weight != own.weight
     with pytest.raises(ValueError, match="outputs have 2 rows for 6 images"):
