@@ -625,6 +625,7 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
         )
     with timer("fisher"):
         bar.set_postfix_str("Fisher traces")
+        # no outputs: the targets are drawn in the pass, as the rounds' passes draw theirs, so one compile serves all
         fisher = fisher_traces(
             run.model,
             variables,
@@ -634,7 +635,6 @@ def _sensitivity(run: _LampQRun) -> _Sensitivity:
             rng=run.rng,
             batch_size=config.batch_size,
             output=config.output,
-            outputs=run.prep.fp_outputs,
             act_params=run.prep.act_params,
             candidates=cands,
             mesh=run.mesh,

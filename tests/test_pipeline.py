@@ -303,3 +303,17 @@ def test_j_runs_in_batches_and_comes_from_the_next_fisher_pass_or_the_last_round
     alone = lampq_jax.quantize(model, variables, images, budget=4.0, config=no_rounds).report["history"]
     assert alone[0]["bits"] == rounds[0]["bits"] and sum(whole_model) >= 4  # here J(round 0) is a forward
     np.testing.assert_allclose(rounds[0]["J"], alone[0]["J"], rtol=1e-4)
+
+
+def test_the_float_fisher_pass_and_the_rounds_passes_compile_once(tiny_setup):
+    """The float pass and the rounds' passes draw their targets the same way (in the pass): one compilation."""
+    from lampq_jax.apply import compiled
+    from lampq_jax.sensitivity.fisher import _fisher_pass
+
+    model, variables, images = tiny_setup
+    compiled.clear()
+    config = LampQConfig(progress=False, probes=2, iterations=2, batch_size=4)
+    result = lampq_jax.quantize(model, variables, images, budget=3.0, config=config)
+    assert len([h for h in result.report["history"] if h["round"] != "uniform"]) >= 2  # at least one round's pass
+    passes = [fn for key, fn in compiled._table.items() if key[0] is _fisher_pass]
+    assert len(passes) == 1 and passes[0]._cache_size() == 1
