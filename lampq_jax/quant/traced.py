@@ -24,6 +24,12 @@ from lampq_jax.quant.uniform import fake_quant_levels
 SOFTMAX_FLOOR_FACTOR = 64.0
 
 
+def unless_zero_bits(bits: jax.Array, quantize, x: jax.Array) -> jax.Array:
+    """`quantize(x)` where the traced `bits` > 0, else `x`: a `lax.cond`, so that a site left in float (a probe
+    quantizes one layer of 72) does not pay for its quantizer."""
+    return jax.lax.cond(bits > 0, quantize, lambda v: v, x)
+
+
 def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.Array:
     """Uniform fake quantization of `x` at traced `bits` with (scale, zero) = table[bits]; bits 0: identity.
 
@@ -32,11 +38,15 @@ def fake_quant_dynamic(x: jax.Array, table: jax.Array, bits: jax.Array, *, ste: 
     safe = jnp.maximum(bits, 2)
     scale, zero = table[safe, 0], table[safe, 1]
     levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
-    q = fake_quant_levels(x, scale, zero, levels).astype(x.dtype)
-    if ste:
-        inside = (x >= (0.0 - zero) * scale) & (x <= (levels - zero) * scale)
-        q = jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))
-    return jnp.where(bits > 0, q, x)
+
+    def quantize(x):
+        q = fake_quant_levels(x, scale, zero, levels).astype(x.dtype)
+        if ste:
+            inside = (x >= (0.0 - zero) * scale) & (x <= (levels - zero) * scale)
+            q = jnp.where(inside, x + jax.lax.stop_gradient(q - x), jax.lax.stop_gradient(q))
+        return q
+
+    return unless_zero_bits(bits, quantize, x)
 
 
 def softmax_log_base(bits: jax.Array, num_keys: int) -> jax.Array:
@@ -55,9 +65,13 @@ def softmax_dynamic(w: jax.Array, bits: jax.Array, *, ste: bool = False) -> jax.
     safe = jnp.maximum(bits, 2)
     levels = (2.0 ** safe.astype(jnp.float32)) - 1.0
     k = softmax_log_base(safe, w.shape[-1])
-    code = jnp.maximum(jnp.round(-k * jnp.log2(jnp.maximum(w, 1e-38))), 0.0)
-    q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / k), 0.0).astype(w.dtype)
-    if ste:
-        inside = (w > 0.0) & (w <= 1.0)
-        q = jnp.where(inside, w + jax.lax.stop_gradient(q - w), jax.lax.stop_gradient(q))
-    return jnp.where(bits > 0, q, w)
+
+    def quantize(w):
+        code = jnp.maximum(jnp.round(-k * jnp.log2(jnp.maximum(w, 1e-38))), 0.0)
+        q = jnp.where((code <= levels) & (w > 0), 2.0 ** (-code / k), 0.0).astype(w.dtype)
+        if ste:
+            inside = (w > 0.0) & (w <= 1.0)
+            q = jnp.where(inside, w + jax.lax.stop_gradient(q - w), jax.lax.stop_gradient(q))
+        return q
+
+    return unless_zero_bits(bits, quantize, w)
