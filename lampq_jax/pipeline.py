@@ -136,13 +136,12 @@ def calibration_set(
 
 @dataclasses.dataclass(frozen=True)
 class _Prepared:
-    """What every method shares: layers, attention paths, calibration, full-precision outputs."""
+    """What every method shares: layers, attention paths, calibration."""
 
     images: np.ndarray
     layers: tuple[Layer, ...]
     attention: tuple[str, ...]
     act_params: ActivationParams
-    fp_outputs: jax.Array
     variables: Any  # the model's variables after the exact key centering / query-key equalization (if on)
     rules: tuple[tuple[str, str], ...]  # the user's type rules
     base_quantizers: dict  # what the base quantizers did (for the report)
@@ -197,7 +196,6 @@ def _prepare(
         hessians = None
         if weight_method == "gptq":
             hessians = input_hessians(model, variables, images, layers, batch_size=calib_batch, **apply_kwargs)
-        fp_outputs = float_outputs(model, variables, images, mesh, apply_kwargs)
     base = {
         "channel_types": list(channel_types),
         "minmax_types": list(minmax_types),
@@ -208,14 +206,14 @@ def _prepare(
         "weight_method": weight_method,
         "gptq_layers": len(hessians or {}),
     }
-    return _Prepared(images, tuple(layers), tuple(attention), act_params, fp_outputs, variables, rules, base, hessians)
+    return _Prepared(images, tuple(layers), tuple(attention), act_params, variables, rules, base, hessians)
 
 
-def float_outputs(model, variables, images: np.ndarray, mesh: Mesh, apply_kwargs) -> jax.Array:
-    """The full-precision model's outputs on `images` [N, ...], 64 a batch."""
+def float_outputs(model, variables, images: np.ndarray, batch_size: int, mesh: Mesh, apply_kwargs) -> jax.Array:
+    """The full-precision model's outputs on `images` [N, ...], `batch_size` a batch."""
     fp_apply = jax.jit(lambda v, x: model.apply(v, x, **apply_kwargs))
     replicated = replicate(variables, mesh)
-    return jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, 64, mesh))
+    return jnp.asarray(batched_outputs(lambda b: fp_apply(replicated, b), images, batch_size, mesh))
 
 
 def holdout_split(num_images: int, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -512,11 +510,23 @@ def _lampq_run(
         **_prepare_options(config),
     )
     layers = prep.layers
-    j_images, j_fp_outputs = prep.images, prep.fp_outputs
-    if config.holdout:
-        j_images = all_images[held]
-        with timer("calibration"):
-            j_fp_outputs = float_outputs(model, prep.variables, j_images, mesh, apply_kwargs)
+    j_images = all_images[held] if config.holdout else prep.images
+    dq = DynamicQuantizer(
+        model,
+        replicate(prep.variables, mesh),
+        layers,
+        prep.attention,
+        prep.act_params,
+        apply_kwargs,
+        hessians=prep.hessians,
+    )
+    # Probes skip the attention / MLP blocks before their layers (bit-identical outputs); None: the plain forward.
+    prefix = PrefixRunner.build(dq, j_images, config.batch_size, mesh)
+    with timer("calibration"):  # J's reference; the prefix keeps the blocks' float outputs of the same forward
+        if prefix is not None:
+            j_fp_outputs = jnp.asarray(prefix.float_outputs())
+        else:
+            j_fp_outputs = float_outputs(model, prep.variables, j_images, config.batch_size, mesh, apply_kwargs)
     j_labels = None
     if labels is not None:
         labels = _checked_labels(labels, all_images.shape[0], j_fp_outputs, config.output)
@@ -533,19 +543,7 @@ def _lampq_run(
     fisher_kind = config.fisher if config.fisher != "auto" else ("empirical" if labels is not None else "true")
     if fisher_kind == "empirical" and labels is None:
         raise ValueError("fisher='empirical' needs labels")
-    dq = DynamicQuantizer(
-        model,
-        replicate(prep.variables, mesh),
-        layers,
-        prep.attention,
-        prep.act_params,
-        apply_kwargs,
-        hessians=prep.hessians,
-    )
     label_array = None if j_labels is None else jnp.asarray(j_labels)
-
-    # Probes skip the attention / MLP blocks before their layers (bit-identical outputs); None: the plain forward.
-    prefix = PrefixRunner.build(dq, j_images, config.batch_size, mesh)
 
     def outputs(bits: Mapping[str, tuple[int, int]], attention: Mapping[str, int]) -> jax.Array:
         if prefix is not None:

@@ -148,9 +148,9 @@ class PrefixRunner:
       images: [N, ...] the images every run is on; batch_size: images a batch; mesh: the batches' devices.
       spans, cuts: from `call_spans` and `cut_modules`.
 
-    The first run that can skip a cut module computes their float outputs on every batch (all sites at 0 bits,
-    nothing skipped) and keeps them: N · Σ_m out_bytes(m) bytes, `MAX_CACHE_BYTES` at most (`build`). Runs that
-    skip nothing pass zeros in their place and go through the same compiled forward.
+    `float_outputs`, or else the first run that can skip a cut module, computes their float outputs on every batch
+    (all sites at 0 bits, nothing skipped) and keeps them: N · Σ_m out_bytes(m) bytes, `MAX_CACHE_BYTES` at most
+    (`build`). Runs that skip nothing pass zeros in their place and go through the same compiled forward.
     """
 
     quantizer: Any
@@ -174,18 +174,26 @@ class PrefixRunner:
             return None
         return cls(quantizer, images, batch_size, mesh, spans, cuts)
 
+    def float_outputs(self) -> np.ndarray:
+        """[N, ...] the full-precision model's outputs on the images, from the forward that fills the cache (the
+        reference of J, so that it costs no forward of its own)."""
+        float_run = {c: False for c in self.cuts}
+        runs = [
+            self.quantizer.apply_skipping(batch, {}, None, float_run, self._placeholders(batch))
+            for batch in batches(self.images, self.batch_size, self.mesh)
+        ]
+        self._cached = [cached for _, cached in runs]
+        return np.concatenate([np.asarray(out) for out, _ in runs])
+
     def outputs(self, bits: Mapping[str, tuple[int, int]], attention_bits: Optional[Mapping[str, int]] = None):
         """[N, ...] the model's outputs on the images under `bits` and `attention_bits`, as `DynamicQuantizer.apply`.
 
-        The first run that can skip a cut module first computes their float outputs (one float forward).
+        The first run that can skip a cut module first computes their float outputs (`float_outputs`), unless
+        that has run.
         """
         skips = skip_flags(self.spans, self.cuts, bits, attention_bits)
         if any(skips.values()) and self._cached is None:
-            float_run = {c: False for c in self.cuts}
-            self._cached = [
-                self.quantizer.apply_skipping(batch, {}, None, float_run, self._placeholders(batch))[1]
-                for batch in batches(self.images, self.batch_size, self.mesh)
-            ]
+            self.float_outputs()
         outs = []
         for k, batch in enumerate(batches(self.images, self.batch_size, self.mesh)):
             cached = self._placeholders(batch) if self._cached is None else self._cached[k]

@@ -65,6 +65,26 @@ def test_a_skipped_module_returns_the_cache_instead_of_running(runner_setup):
     assert not np.allclose(runner.outputs(last), plain_outputs(quantizer, images, last))  # used the zeros
 
 
+def test_float_outputs_are_the_models_and_fill_the_cache(runner_setup, monkeypatch):
+    """`float_outputs` gives the full-precision outputs from the forward that fills the cache; a probe after it runs
+    one forward per batch, not a float one first."""
+    quantizer, layers, _, images = runner_setup
+    runner = PrefixRunner.build(quantizer, images, 4, None)
+    model, variables = quantizer.model, quantizer.variables
+    reference = np.asarray(jax.jit(lambda x: model.apply(variables, x))(jnp.asarray(images)))
+    np.testing.assert_allclose(runner.float_outputs(), reference, rtol=1e-5, atol=1e-5)
+    assert runner._cached is not None and len(runner._cached) == 3  # 10 images, 4 a batch
+    np.testing.assert_array_equal(runner.float_outputs(), plain_outputs(quantizer, images, {}))
+    calls = []
+    apply_skipping = DynamicQuantizer.apply_skipping
+    monkeypatch.setattr(
+        DynamicQuantizer, "apply_skipping", lambda self, *a: calls.append(1) or apply_skipping(self, *a)
+    )
+    last = {layers[-1].path: (3, 3)}
+    np.testing.assert_array_equal(runner.outputs(last), plain_outputs(quantizer, images, last))
+    assert len(calls) == 3
+
+
 def test_one_compilation_serves_every_assignment(runner_setup):
     quantizer, layers, _, images = runner_setup
     compiled.clear()
