@@ -138,7 +138,7 @@ def scaled(predicted: np.ndarray, measured: np.ndarray, types: list[str], fitted
 def main() -> None:
     start_all = time.perf_counter()
     ceiling = json.loads((RESULTS_DIR / "real_vit_ceiling.json").read_text())
-    model, prep, _, calibration, _, _ = prepared_dinov2()
+    model, prep, _, calibration, _, fp_apply = prepared_dinov2()
     config = LampQConfig()
     layers = [l for l in prep.layers if l.type not in config.fixed_types]
     units = list(dict.fromkeys(l.group for l in layers))
@@ -152,7 +152,7 @@ def main() -> None:
         for i in probe_indices(len(members), config.probes)
     )
     rng = jax.random.key(0)
-    outputs = jnp.asarray(prep.fp_outputs)
+    outputs = fp_apply(calibration)  # the float outputs of the 32 crops, one batch
     w_err = weight_errors(prep.variables, layers, CANDIDATES)
     common = dict(
         rng=rng,
