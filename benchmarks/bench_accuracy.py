@@ -9,7 +9,8 @@ LampQ with J on a quarter of the calibration images held out of the fit (`lampq_
 and LampQ without I1 / I2 / I3. Also the metric check (Spearman) for α = none / mean / probe and the time of
 each LampQ stage.
 
-    python benchmarks/bench_accuracy.py [--seeds 5] [--budgets 2.5 3 4 6]
+    python benchmarks/bench_accuracy.py [--seeds 5] [--budgets 2.5 3 4 6] [--num-calib 32] [--methods ...]
+        [--section bench_accuracy]
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--budgets", type=float, nargs="+", default=[2.5, 3.0, 4.0, 6.0])
     parser.add_argument("--num-calib", type=int, default=32)
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--section", default="bench_accuracy", help="RESULTS.md section (and results json)")
     args = parser.parse_args()
 
     model, variables, config = load_embedded_model()
@@ -88,7 +91,7 @@ def main() -> None:
         pick = np.random.default_rng(seed).choice(len(subset["calib_images"]), args.num_calib, replace=False)
         calib = subset["calib_images"][np.sort(pick)]
         for budget in args.budgets:
-            for name in METHODS:
+            for name in args.methods:
                 if name == "uniform" and budget != int(budget):
                     continue
                 start = time.perf_counter()
@@ -110,14 +113,18 @@ def main() -> None:
 
     summary = {b: {m: [float(np.mean(v)), float(np.std(v))] for m, v in methods.items()} for b, methods in acc.items()}
     rho = {bits: {m: float(np.mean(v)) for m, v in modes.items()} for bits, modes in sorted(spearman.items())}
-    write_json("accuracy_fmnist.json", {"fp": fp_acc, "budgets": summary, "spearman": rho})
+    json_name = (
+        "accuracy_fmnist.json" if args.section == "bench_accuracy" else f"{args.section.removeprefix('bench_')}.json"
+    )
+    write_json(json_name, {"fp": fp_acc, "budgets": summary, "spearman": rho})
 
     def cell(b, m):
         return f"{summary[b][m][0]:.2f} ± {summary[b][m][1]:.2f}" if m in summary.get(b, {}) else "—"
 
     budgets = [f"{b:g}" for b in args.budgets]
     lines = [
-        "## Accuracy on Fashion-MNIST (embedded ViT, 10,000 test images)",
+        "## Accuracy on Fashion-MNIST (embedded ViT, 10,000 test images)"
+        + ("" if args.section == "bench_accuracy" else f" (`{args.section}`)"),
         "",
         f"Full precision: **{fp_acc:.2f} %**. {args.num_calib} calibration images (held-out training images), "
         f"{args.seeds} seeds, mean ± std; W/A bits tied; embed and head at 8 bits; attention inputs at the "
@@ -128,7 +135,7 @@ def main() -> None:
         "| method | " + " | ".join(f"{b} bits" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
-    for m in METHODS:
+    for m in args.methods:
         lines.append(f"| {m} | " + " | ".join(cell(b, m) for b in budgets) + " |")
 
     def beats(a, b, budget):
@@ -136,15 +143,17 @@ def main() -> None:
         return a in s and b in s and s[a][0] > s[b][0]
 
     def margin(a, b, budget):
-        s = summary[budget]
+        s = summary.get(budget, {})
+        if a not in s or b not in s:
+            return "not run"
         delta, spread = s[a][0] - s[b][0], max(s[a][1], s[b][1])
         return f"{delta:+.2f} points, seeds' std {spread:.2f}" + ("" if abs(delta) > spread else ", within the spread")
 
     goals = []
     for b in ("3", "4"):
-        for other in ("uniform", "hawq", "vtptq"):
+        for other in [m for m in ("uniform", "hawq", "vtptq") if m in args.methods]:
             goals.append((f"LampQ above {other} at {b} bits ({margin('lampq', other, b)})", beats("lampq", other, b)))
-    if "6" in summary:
+    if "6" in summary and {"lampq", "uniform"} <= set(summary["6"]):
         s = summary["6"]
         goals.append(
             (
@@ -152,7 +161,7 @@ def main() -> None:
                 s["lampq"][0] >= s["uniform"][0] - max(s["lampq"][1], s["uniform"][1]),
             )
         )
-    for ablation, idea in (("no_i1", "I1"), ("no_i2", "I2"), ("no_i3", "I3")):
+    for ablation, idea in [(a, i) for a, i in (("no_i1", "I1"), ("no_i2", "I2"), ("no_i3", "I3")) if a in args.methods]:
         goals.append(
             (
                 f"{idea} adds accuracy (LampQ above {ablation}) at 3 and 4 bits "
@@ -178,10 +187,13 @@ def main() -> None:
         + " (the first run of each kind includes compilation).",
     ]
     write_section(
-        "bench_accuracy",
+        args.section,
         "\n".join(lines),
         f"python benchmarks/bench_accuracy.py --seeds {args.seeds} --budgets "
-        + " ".join(f"{b:g}" for b in args.budgets),
+        + " ".join(f"{b:g}" for b in args.budgets)
+        + ("" if args.num_calib == 32 else f" --num-calib {args.num_calib}")
+        + ("" if list(args.methods) == list(METHODS) else " --methods " + " ".join(args.methods))
+        + ("" if args.section == "bench_accuracy" else f" --section {args.section}"),
     )
     print("\n".join(lines))
 
