@@ -12,7 +12,7 @@ sensitivity is used) and ranks the units with:
 - any α per type: the largest Spearman over a grid of α's (log α_t − log α_fc1 in [−4, 4], steps of 0.1);
 - within each type: Spearman of ΔL̂ against ΔJ over that type's 12 units, which no α changes.
 
-    python benchmarks/bench_real_vit_alpha_ceiling.py [--draws 3]
+    python benchmarks/bench_real_vit_alpha_ceiling.py [--draws 3] [--num-calib 32]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import write_results  # noqa: E402
+from common import write_json, write_section  # noqa: E402
 
 import lampq_jax  # noqa: E402
 from lampq_jax.data.photos import photo_crops  # noqa: E402
@@ -82,12 +82,14 @@ def best_spearman_over_alpha(types: np.ndarray, predicted: np.ndarray, measured:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=3)
+    parser.add_argument("--num-calib", type=int, default=32, help="calibration crops per draw")
     args = parser.parse_args()
+    section = "bench_real_vit_alpha_ceiling" + ("" if args.num_calib == 32 else f"_calib{args.num_calib}")
     start = time.perf_counter()
     model, variables = load_dinov2_s14()
     rows = []
     for draw in range(args.draws):
-        calib = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))
+        calib = normalize_imagenet(photo_crops("calibration", args.num_calib, 224, seed=draw))
         config = lampq_jax.LampQConfig(
             output="features", metric_check=True, iterations=0, keep_uniform=False, progress=False, seed=draw
         )
@@ -139,13 +141,19 @@ def main() -> None:
     )
     heading = (
         "## The most a per-type α can do for the metric check on the real ViT (DINOv2-S/14)\n\n"
-        "LampQ's own metric check (`metric_check=True`, budget 4, probes at 3 bits, 32 calibration crops per draw): "
+        f"LampQ's own metric check (`metric_check=True`, budget 4, probes at 3 bits, {args.num_calib} calibration crops "
+        "per draw): "
         "Spearman over the 48 units of Ω = α_t · ΔL̂ against each unit's measured ΔJ alone. 'best α per type': "
         "α_t = Σ ΔJ / Σ ΔL̂ over all 12 units of the type; 'any α per type': the largest Spearman over a grid of "
         "α's (log-ratios to fc1's in [−4, 4], steps of 0.1). 'within': Spearman of ΔL̂ against ΔJ over one type's "
-        "12 units, which no per-type α changes. The per-unit figures are in `results/real_vit_alpha_ceiling.json`.\n\n"
+        f"12 units, which no per-type α changes. The per-unit figures are in `results/{section.removeprefix('bench_')}.json`.\n\n"
     )
-    write_results("bench_real_vit_alpha_ceiling", heading, lines, start, {"rows": rows})
+    total = time.perf_counter() - start
+    command = "python benchmarks/bench_real_vit_alpha_ceiling.py" + (
+        "" if args.num_calib == 32 else f" --num-calib {args.num_calib}"
+    )
+    write_section(section, heading + "\n".join(lines) + f"\n\nWhole run: {total:.0f} s.", command)
+    write_json(f"{section.removeprefix('bench_')}.json", {"rows": rows, "seconds": total})
 
 
 if __name__ == "__main__":

