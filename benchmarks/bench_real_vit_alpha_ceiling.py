@@ -149,8 +149,10 @@ def main() -> None:
         f"12 units, which no per-type α changes. The per-unit figures are in `results/{section.removeprefix('bench_')}.json`.\n\n"
     )
     total = time.perf_counter() - start
-    command = "python benchmarks/bench_real_vit_alpha_ceiling.py" + (
-        "" if args.num_calib == 32 else f" --num-calib {args.num_calib}"
+    command = (
+        "python benchmarks/bench_real_vit_alpha_ceiling.py"
+        + ("" if args.draws == 3 else f" --draws {args.draws}")
+        + ("" if args.num_calib == 32 else f" --num-calib {args.num_calib}")
     )
     write_section(section, heading + "\n".join(lines) + f"\n\nWhole run: {total:.0f} s.", command)
     write_json(f"{section.removeprefix('bench_')}.json", {"rows": rows, "seconds": total})
