@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--num-calib", type=int, default=32, help="calibration crops per draw")
     args = parser.parse_args()
     section = "bench_real_vit_alpha_ceiling" + ("" if args.num_calib == 32 else f"_calib{args.num_calib}")
+    json_name = f"{section.removeprefix('bench_')}.json"
     start = time.perf_counter()
     model, variables = load_dinov2_s14()
     rows = []
@@ -146,7 +147,7 @@ def main() -> None:
         "Spearman over the 48 units of Ω = α_t · ΔL̂ against each unit's measured ΔJ alone. 'best α per type': "
         "α_t = Σ ΔJ / Σ ΔL̂ over all 12 units of the type; 'any α per type': the largest Spearman over a grid of "
         "α's (log-ratios to fc1's in [−4, 4], steps of 0.1). 'within': Spearman of ΔL̂ against ΔJ over one type's "
-        f"12 units, which no per-type α changes. The per-unit figures are in `results/{section.removeprefix('bench_')}.json`.\n\n"
+        f"12 units, which no per-type α changes. The per-unit figures are in `results/{json_name}`.\n\n"
     )
     total = time.perf_counter() - start
     command = (
@@ -155,7 +156,7 @@ def main() -> None:
         + ("" if args.num_calib == 32 else f" --num-calib {args.num_calib}")
     )
     write_section(section, heading + "\n".join(lines) + f"\n\nWhole run: {total:.0f} s.", command)
-    write_json(f"{section.removeprefix('bench_')}.json", {"rows": rows, "seconds": total})
+    write_json(json_name, {"rows": rows, "seconds": total})
 
 
 if __name__ == "__main__":

@@ -60,9 +60,8 @@ def main() -> None:
         out = model.apply(prep.variables, x, train=False)
         return jnp.sum(jax.vmap(lambda o, t: gaussian_log_likelihood(o[None], t))(out, y))
 
-    forward = jax.jit(lambda x: model.apply(prep.variables, x, train=False))
     backward = jax.jit(jax.grad(summed_log_likelihood))
-    uniform = {l.path: (4, 4) for l in prep.layers if l.type not in config.fixed_types}
+    uniform = {l.path: (4, 4) for l in layers}
     fixed = {l.path: (config.fixed_bits, config.fixed_bits) for l in prep.layers if l.type in config.fixed_types}
     point = dq.point({**uniform, **fixed}, {p: 4 for p in prep.attention})
     common = dict(
@@ -74,7 +73,7 @@ def main() -> None:
         train=False,
     )
     passes = {
-        "forward": lambda: chunked(forward, calibration, size=size),
+        "forward": lambda: chunked(fp_apply, calibration, size=size),
         "forward + backward": lambda: chunked(backward, calibration, targets, size=size),
         "Fisher pass, float point": lambda: fisher_traces(model, prep.variables, calibration, layers, **common),
         "Fisher pass, W4A4 point": lambda: fisher_traces(
